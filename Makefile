@@ -1,0 +1,26 @@
+# `make train` and `make test` each create .venv when missing and install moetrain into it.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
+# Tests see 8 CPU devices, so every mesh of up to 8 devices runs on one machine.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2
+
+.PHONY: train test install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python -m moetrain.train --config configs/tiny.py --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,265 @@
+"""The one config schema: every field with its default and a comment, plus validation.
+
+A config file (`configs/*.py`) defines `get_config()`, starts from `default_config()` and
+overrides only what differs. Command-line overrides (`--config.model.top_k=4`) are applied on
+top. `validate` runs before any device work and raises `ConfigError` naming the field.
+"""
+
+import ast
+import importlib.util
+import math
+import pathlib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad config value, file or override; the message names the field or file."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the locked schema with every field at its default."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 8000  # token ids; must cover the tokenizer's vocabulary
+  m.d_model = 512  # residual stream width
+  m.num_layers = 8  # transformer blocks
+  m.num_heads = 8  # query heads
+  m.num_kv_heads = 8  # key/value heads; fewer than num_heads gives grouped-query attention
+  m.head_dim = 0  # per-head width; 0 means d_model // num_heads
+  m.d_ff = 2048  # hidden width of the dense SwiGLU MLPs
+  m.max_seq_len = 2048  # longest sequence the model is trained or sampled at
+  m.rope_theta = 10000.0  # rotary position embedding base
+  m.tie_embeddings = True  # share the token embedding with the output layer
+  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.init_std = 0.02  # std of the normal initialiser of all projections
+  m.dtype = 'float32'  # activation/compute dtype (router and loss always float32)
+  m.param_dtype = 'float32'  # parameter storage dtype
+
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 8  # routed experts per MoE layer; 0 gives a dense model
+  e.top_k = 2  # experts per token
+  e.d_expert = 0  # hidden width of each expert; 0 means model.d_ff
+  e.router = 'softmax'  # softmax: p = softmax(x·W_r), choose top-k of p
+  e.norm_topk_prob = True  # renormalise the chosen gate weights to sum to 1
+  e.aux_loss = 'local'  # load-balance statistics: local (per dispatch group) | none
+  e.aux_loss_weight = 0.01  # weight of the Switch load-balancing loss
+  e.z_loss_weight = 1e-3  # weight of the ST-MoE router z-loss
+  e.group_size = 1  # sequences per dispatch group (capacity and dropping act per group)
+  e.capacity_factor = 1.25  # training capacity = ceil(cf·tokens·k/E); <= 0 means dropless
+  e.eval_capacity_factor = 2.0  # capacity factor of periodic eval; <= 0 means dropless
+  e.min_capacity = 4  # lower bound of the per-expert capacity
+  e.drop_policy = 'position'  # which assignments overflow first: position (later choices/tokens)
+  e.dispatch = 'capacity'  # capacity (gather/scatter) | einsum (one-hot reference)
+  e.layer_interval = 1  # every n-th block after the dense ones is an MoE block
+  e.first_dense_layers = 0  # leading blocks that stay dense
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
+  c.mesh.fsdp = 1  # parameter-sharded data-parallel axis
+  c.mesh.expert = 1  # expert-parallel axis (also holds different data)
+  c.mesh.tensor = 1  # tensor-parallel axis
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000  # optimizer steps
+  t.batch_size = 16  # global batch, in sequences
+  t.seq_len = 256  # tokens per sequence
+  t.learning_rate = 3e-3  # peak learning rate
+  t.warmup_steps = 100  # linear warmup from 0 to the peak
+  t.schedule = 'cosine'  # cosine | constant, after warmup
+  t.min_lr_ratio = 0.1  # cosine ends at learning_rate·min_lr_ratio
+  t.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms and biases)
+  t.adam_b1 = 0.9  # AdamW beta1
+  t.adam_b2 = 0.95  # AdamW beta2
+  t.grad_clip = 1.0  # global gradient norm clip; 0 disables
+  t.seed = 0  # parameter init and data order
+  t.log_every = 10  # steps between metrics records
+  t.eval_every = 100  # steps between evals on the held-out split; 0 disables
+  t.eval_batches = 8  # batches per eval
+  t.sample_tokens = 0  # tokens sampled from the model after training; 0 disables
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'stdlib'  # stdlib: the Python standard library's own source files
+  c.data.tokenizer = ''  # sentencepiece .model file; empty trains (once) and caches one
+
+  c.lock()
+  return c
+
+
+ENUMS = {
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.moe.router': ('softmax',),
+    'model.moe.aux_loss': ('local', 'none'),
+    'model.moe.drop_policy': ('position',),
+    'model.moe.dispatch': ('capacity', 'einsum'),
+    'train.schedule': ('cosine', 'constant'),
+    'data.source': ('stdlib',),
+}
+
+POSITIVE = (
+    'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+    'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
+    'model.moe.layer_interval', 'train.steps', 'train.batch_size', 'train.seq_len',
+    'train.log_every', 'train.eval_batches',
+)
+
+NON_NEGATIVE = (
+    'model.head_dim', 'model.moe.num_experts', 'model.moe.d_expert', 'model.moe.min_capacity',
+    'model.moe.first_dense_layers', 'model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
+    'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
+    'train.sample_tokens', 'train.learning_rate',
+)
+
+
+def _get(config, dotted):
+  node = config
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field that can be checked without devices; raises ConfigError."""
+  for field, allowed in ENUMS.items():
+    if _get(config, field) not in allowed:
+      raise ConfigError(f'{field}={_get(config, field)!r} must be one of {", ".join(allowed)}')
+  for field in POSITIVE:
+    if not _get(config, field) > 0:
+      raise ConfigError(f'{field}={_get(config, field)} must be > 0')
+  for field in NON_NEGATIVE:
+    if not _get(config, field) >= 0:
+      raise ConfigError(f'{field}={_get(config, field)} must be >= 0')
+
+  m, e, t = config.model, config.model.moe, config.train
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} must be a multiple of '
+                      f'model.num_kv_heads={m.num_kv_heads}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} must be divisible by '
+                      f'model.num_heads={m.num_heads} when model.head_dim=0')
+  if (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError('the head dimension (model.head_dim, or model.d_model // '
+                      'model.num_heads) must be even for rotary embeddings')
+  if e.num_experts:
+    if not 1 <= e.top_k <= e.num_experts:
+      raise ConfigError(f'model.moe.top_k={e.top_k} must be between 1 and '
+                        f'model.moe.num_experts={e.num_experts}')
+    if e.first_dense_layers >= m.num_layers:
+      raise ConfigError(f'model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE '
+                        f'layer among model.num_layers={m.num_layers}')
+  if t.seq_len > m.max_seq_len:
+    raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
+  if t.batch_size % e.group_size:
+    raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
+                      f'model.moe.group_size={e.group_size}')
+  for axis in ('data', 'fsdp', 'expert', 'tensor'):
+    size = config.mesh[axis]
+    if size != -1 and size < 1:
+      raise ConfigError(f'mesh.{axis}={size} must be >= 1, or -1 to fill the devices')
+  if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
+    raise ConfigError('at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1')
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports `path` and returns its `get_config()`; errors name the file."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'--config: file {path!r} not found')
+  spec = importlib.util.spec_from_file_location(f'moetrain_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as error:  # any error in user code becomes one line naming the file
+    raise ConfigError(f'--config: {path} failed to import: {_one_line(error)}') from error
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(f'--config: {path} does not define get_config()')
+  try:
+    config = module.get_config()
+  except Exception as error:
+    raise ConfigError(f'--config: {path}: get_config() failed: {_one_line(error)}') from error
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'--config: {path}: get_config() must return an ml_collections.ConfigDict')
+  return config
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
+
+
+def apply_override(config: ml_collections.ConfigDict, flag: str) -> None:
+  """Applies one `--config.a.b=value` flag, parsed as the type of the field it replaces."""
+  name, sep, text = flag[len('--config.'):].partition('=')
+  if not sep:
+    raise ConfigError(f'{flag}: expected --config.<field>=<value>')
+  *sections, key = name.split('.')
+  node = config
+  for section in sections:
+    if not isinstance(node, ml_collections.ConfigDict) or section not in node:
+      raise ConfigError(f'--config.{name}: unknown field')
+    node = node[section]
+  if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+    raise ConfigError(f'--config.{name}: unknown field')
+  if isinstance(node[key], ml_collections.ConfigDict):
+    raise ConfigError(f'--config.{name}: is a section, not a field')
+  node[key] = _parse_value(name, text, node[key])
+
+
+def _parse_value(name, text, current):
+  kind = type(current)
+  if kind is str:
+    return text
+  if kind is bool:
+    if text.lower() in ('true', '1'):
+      return True
+    if text.lower() in ('false', '0'):
+      return False
+    raise ConfigError(f'--config.{name}={text}: expected a bool (true or false)')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = None
+  if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if math.isfinite(value):
+      return float(value)
+  if kind is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  raise ConfigError(f'--config.{name}={text}: expected {kind.__name__}')
+
+
+def load(path: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads a config file, applies `--config.*` overrides and validates the result."""
+  config = load_config_file(path)
+  _check_schema(config, default_config(), path)
+  for flag in overrides:
+    apply_override(config, flag)
+  validate(config)
+  return config
+
+
+def _check_schema(config, schema, path, prefix=''):
+  """Rejects fields the schema lacks and values of the wrong type in a config file."""
+  for key in config:
+    field = f'{prefix}{key}'
+    if key not in schema:
+      raise ConfigError(f'{path}: unknown field {field}')
+    value, default = config[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'{path}: {field} must be a section')
+      _check_schema(value, default, path, f'{field}.')
+    elif not _same_kind(value, default):
+      raise ConfigError(f'{path}: {field}={value!r} must be {type(default).__name__}')
+  for key in schema:
+    if key not in config:
+      raise ConfigError(f'{path}: missing field {prefix}{key}; start from default_config()')
+
+
+def _same_kind(value, default):
+  if isinstance(default, bool) or isinstance(value, bool):
+    return type(value) is type(default)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))

@@ -1,0 +1,1 @@
+"""Embedded training data: the stdlib corpus, its tokenizer and batch pipelines."""

@@ -1,0 +1,137 @@
+"""Token streams, packing into training rows, and grain batch iterators.
+
+A batch is ``{'inputs': int32 [b, seq_len], 'targets': int32 [b, seq_len]}``;
+targets equal to ``PAD_ID`` carry no loss (the trainer masks them).
+"""
+
+import hashlib
+import io
+import json
+import pathlib
+
+import grain
+import numpy as np
+import sentencepiece as spm
+
+from moetrain.data import sources
+from moetrain.data.tokenizer import EOS_ID, PAD_ID, atomic_write_bytes, cache_dir
+
+
+def _corpus_cache_path(split: str, tokenizer: spm.SentencePieceProcessor
+                       ) -> tuple[list[pathlib.Path], pathlib.Path]:
+  files = sources.stdlib_files(split)
+  key_material = json.dumps({
+      'split': split,
+      'files': [[sources.relative_name(p), p.stat().st_size] for p in files],
+      'tokenizer': hashlib.sha1(tokenizer.serialized_model_proto()).hexdigest(),
+  })
+  key = hashlib.sha1(key_material.encode('utf-8')).hexdigest()[:12]
+  return files, cache_dir() / 'corpus' / f'stdlib-{split}-{key}.npy'
+
+
+def tokenized_stdlib(split: str, tokenizer: spm.SentencePieceProcessor) -> np.ndarray:
+  """The stdlib split as one int32 token stream ``[num_tokens]``, cached on disk.
+
+  Each file is encoded whole and followed by ``EOS_ID``, in ``stdlib_files``
+  order.
+  """
+  files, path = _corpus_cache_path(split, tokenizer)
+  if path.is_file():
+    return np.load(path)
+  # Batch encoding runs on SentencePiece's own threads.
+  encoded = tokenizer.encode([sources.read_text(p) for p in files])
+  lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
+  stream = np.full(int(lengths.sum()), EOS_ID, dtype=np.int32)
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  for start, ids in zip(starts, encoded):
+    stream[start:start + len(ids)] = ids
+  buffer = io.BytesIO()
+  np.save(buffer, stream)
+  atomic_write_bytes(path, buffer.getvalue())
+  return stream
+
+
+def pack(stream: np.ndarray, seq_len: int, pad_id: int = PAD_ID) -> np.ndarray:
+  """Cut a token stream ``[N]`` into rows ``[num_rows, seq_len + 1]`` (int32).
+
+  Row i is ``stream[i*seq_len : i*seq_len + seq_len + 1]``; inputs are
+  ``row[:-1]`` and targets ``row[1:]``. Consecutive rows overlap by exactly one
+  token (the last target of a row is the first input of the next), so every
+  token that has a successor is an input exactly once and every token but the
+  first is a target exactly once. Only the last row is right-padded with
+  ``pad_id``; rows without any real target are not produced.
+  """
+  if seq_len < 1:
+    raise ValueError(f'seq_len must be positive, got {seq_len}')
+  stream = np.asarray(stream, dtype=np.int32).reshape(-1)
+  num_rows = max(0, -(-(stream.size - 1) // seq_len))
+  padded = np.full(num_rows * seq_len + 1, pad_id, dtype=np.int32)
+  padded[:stream.size] = stream[:padded.size]
+  rows = np.empty((num_rows, seq_len + 1), dtype=np.int32)
+  rows[:, :seq_len] = padded[:-1].reshape(num_rows, seq_len)
+  rows[:, seq_len] = padded[seq_len::seq_len]
+  return rows
+
+
+def _inputs_and_targets(rows: np.ndarray) -> dict[str, np.ndarray]:
+  return {'inputs': np.ascontiguousarray(rows[:, :-1]),
+          'targets': np.ascontiguousarray(rows[:, 1:])}
+
+
+def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'bad process_index {process_index} for process_count {process_count}')
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f'global batch_size {batch_size} must be a positive multiple of '
+                     f'process_count {process_count}')
+  return batch_size // process_count
+
+
+def train_batches(rows: np.ndarray, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.DatasetIterator:
+  """Endless shuffled batches of ``rows`` ``[R, seq_len + 1]`` for this process.
+
+  ``batch_size`` is global. All processes share one global row order (a new
+  shuffle every epoch, determined by ``seed``); global batch s is positions
+  ``[s*batch_size, (s+1)*batch_size)`` of it, and this process takes every
+  ``process_count``-th position from ``process_index``, so the processes'
+  local batches ``[batch_size // process_count, seq_len]`` at one step are a
+  partition of the global batch. The returned iterator's
+  ``get_state()``/``set_state()`` checkpoint its position.
+  """
+  local = _local_batch_size(batch_size, process_index, process_count)
+  if len(rows) == 0:
+    raise ValueError('cannot draw training batches from zero rows')
+  dataset = (
+      grain.MapDataset.source(np.asarray(rows, dtype=np.int32))
+      .shuffle(seed=seed)
+      # Reseeding makes each epoch a fresh permutation, still a pure function of seed.
+      .repeat(reseed_each_epoch=True)
+      .slice(slice(process_index, None, process_count))
+      .batch(local, drop_remainder=True)
+      .map(_inputs_and_targets))
+  # Rows are already in memory, so a batch is a gather and a copy; worker
+  # threads and prefetching only cost time here.
+  options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(dataset.to_iter_dataset(options))
+
+
+def eval_batches(rows: np.ndarray, batch_size: int, num_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first ``num_batches`` global batches of ``rows`` in order, this process's share.
+
+  Uses the same per-process split of each global batch as ``train_batches``.
+  With fewer rows, fewer batches (at least one): the last global batch is
+  completed with rows made only of ``PAD_ID``, which the loss ignores. Every
+  process gets the same number of batches.
+  """
+  local = _local_batch_size(batch_size, process_index, process_count)
+  if num_batches < 1:
+    raise ValueError(f'num_batches must be positive, got {num_batches}')
+  rows = np.asarray(rows, dtype=np.int32)
+  count = max(1, min(num_batches, -(-len(rows) // batch_size)))
+  padded = np.full((count * batch_size, rows.shape[1]), PAD_ID, dtype=np.int32)
+  taken = rows[:count * batch_size]
+  padded[:len(taken)] = taken
+  mine = padded[process_index::process_count]
+  return [_inputs_and_targets(mine[i * local:(i + 1) * local]) for i in range(count)]

@@ -1,0 +1,146 @@
+"""SentencePiece BPE tokenizer for source code, trained on first use and cached.
+
+The settings make encoding lossless: ``decode(encode(text)) == text`` for any
+string, including indentation, tabs, newlines, "\\r" and non-ASCII text (rare
+characters fall back to their UTF-8 bytes).
+"""
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import sentencepiece as spm
+
+from moetrain.data import sources
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3  # ends every document
+
+# Everything that shapes the trained model except the texts and vocab size; it
+# is part of the cache key so a settings change never reuses a stale model.
+_TRAINER_SETTINGS = dict(
+    model_type='bpe',
+    # Identity normalisation and no whitespace clean-up: code must round-trip
+    # byte for byte, and indentation is meaningful.
+    normalization_rule_name='identity',
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    byte_fallback=True,
+    # Newlines and tabs are always one piece each; this is also what lets the
+    # model, trained on single lines, encode multi-line text exactly.
+    user_defined_symbols=['\n', '\t'],
+    # Numbers are learned digit by digit instead of spending vocab on literals.
+    split_digits=True,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    # Every line is used, in the given order: no sampling means no randomness,
+    # so the same texts always give the same model. (The learned pieces do not
+    # depend on the thread count; the count is fixed so the file bytes do not
+    # either.)
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    num_threads=2,
+    minloglevel=1)
+
+
+def cache_dir() -> pathlib.Path:
+  """Root of moetrain's caches: ``$MOETRAIN_CACHE``, else the user cache dir."""
+  explicit = os.environ.get('MOETRAIN_CACHE')
+  if explicit:
+    return pathlib.Path(explicit)
+  xdg = os.environ.get('XDG_CACHE_HOME')
+  base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / '.cache'
+  return base / 'moetrain'
+
+
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+  """Write ``data`` to ``path`` so readers see the old file or the whole new one.
+
+  Concurrent writers (several processes of one job) each rename their own
+  complete temp file into place, and a killed writer leaves only a temp file.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    # mkstemp creates the file private (0600); the cache may be shared by users.
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+  # SentencePiece skips sentences longer than max_sentence_length, so whole
+  # files would be dropped; lines are short and "\n" is a user symbol anyway.
+  for text in texts:
+    for line in text.split('\n'):
+      if line:
+        yield line
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: pathlib.Path) -> None:
+  """Train a BPE model of exactly ``vocab_size`` pieces on ``texts``; write it to ``model_path``.
+
+  Deterministic: the same texts and vocab size give the same model file.
+  Raises ``RuntimeError`` (from SentencePiece) if the texts are too small to
+  fill the vocabulary.
+  """
+  buffer = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=_lines(texts), model_writer=buffer,
+                                 vocab_size=vocab_size, **_TRAINER_SETTINGS)
+  atomic_write_bytes(model_path, buffer.getvalue())
+
+
+def load_tokenizer(path: pathlib.Path) -> spm.SentencePieceProcessor:
+  """Load a SentencePiece ``.model`` file.
+
+  Raises ``FileNotFoundError`` if it is missing and ``ValueError`` if its pad or
+  end-of-document ids differ from ``PAD_ID``/``EOS_ID``, which the pipeline
+  writes and the loss masks by value.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'tokenizer model not found: {path}')
+  processor = spm.SentencePieceProcessor(model_file=str(path))
+  if (processor.pad_id(), processor.eos_id()) != (PAD_ID, EOS_ID):
+    raise ValueError(f'tokenizer {path} has pad_id={processor.pad_id()} and '
+                     f'eos_id={processor.eos_id()}; moetrain needs pad_id={PAD_ID} and '
+                     f'eos_id={EOS_ID}')
+  return processor
+
+
+def stdlib_tokenizer_path(vocab_size: int) -> pathlib.Path:
+  """Cache path of the stdlib tokenizer for this Python's stdlib and these settings."""
+  files = sources.stdlib_files('train')
+  key_material = json.dumps({
+      'files': [[sources.relative_name(p), p.stat().st_size] for p in files],
+      'settings': _TRAINER_SETTINGS,
+      'vocab_size': vocab_size,
+      'sentencepiece': spm.__version__,
+  }, sort_keys=True)
+  key = hashlib.sha1(key_material.encode('utf-8')).hexdigest()[:12]
+  return cache_dir() / 'tokenizers' / f'stdlib-bpe-{vocab_size}-{key}.model'
+
+
+def load_or_train_stdlib_tokenizer(vocab_size: int) -> spm.SentencePieceProcessor:
+  """The BPE tokenizer of the stdlib train split, trained once and then loaded from cache."""
+  path = stdlib_tokenizer_path(vocab_size)
+  if not path.is_file():
+    texts = (sources.read_text(p) for p in sources.stdlib_files('train'))
+    train_tokenizer(texts, vocab_size, path)
+  return load_tokenizer(path)

@@ -1,0 +1,61 @@
+"""The device mesh `(data, fsdp, expert, tensor)` built from `config.mesh`."""
+
+import math
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from moetrain.config import ConfigError
+
+AXES = ('data', 'fsdp', 'expert', 'tensor')
+# Expert-parallel ranks hold different data too, as in GShard and Switch.
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves the sizes of `AXES` (one may be -1) for `num_devices`; ConfigError otherwise."""
+  sizes = [mesh_config[axis] for axis in AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ConfigError(f'mesh: the fixed axes ({_describe(mesh_config)}) use {fixed} devices, '
+                        f'which does not divide the {num_devices} available')
+    sizes[sizes.index(-1)] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f'mesh: {_describe(mesh_config)} needs {fixed} devices, '
+                      f'but {num_devices} are available')
+  return tuple(sizes)
+
+
+def _describe(mesh_config):
+  return ' '.join(f'{axis}={mesh_config[axis]}' for axis in AXES)
+
+
+def check_layout(config, shape: tuple[int, ...]) -> None:
+  """Checks that the batch and the model divide over the mesh axes that split them."""
+  sizes = dict(zip(AXES, shape))
+  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  groups = config.train.batch_size // config.model.moe.group_size
+  if groups % batch_shards:
+    raise ConfigError(
+        f'train.batch_size={config.train.batch_size} (in dispatch groups of '
+        f'model.moe.group_size={config.model.moe.group_size}) must divide evenly over '
+        f'mesh data×fsdp×expert={batch_shards} devices')
+  experts = config.model.moe.num_experts
+  if experts and experts % sizes['expert']:
+    raise ConfigError(f'model.moe.num_experts={experts} must be divisible by '
+                      f'mesh.expert={sizes["expert"]}')
+  if not experts and sizes['expert'] > 1:
+    raise ConfigError(f'mesh.expert={sizes["expert"]} needs model.moe.num_experts > 0')
+  for field in ('num_heads', 'num_kv_heads'):
+    if config.model[field] % sizes['tensor']:
+      raise ConfigError(f'model.{field}={config.model[field]} must be divisible by '
+                        f'mesh.tensor={sizes["tensor"]}')
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """Builds the mesh for `config` over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(config.mesh, len(devices))
+  check_layout(config, shape)
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

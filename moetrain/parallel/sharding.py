@@ -1,0 +1,47 @@
+"""Logical axis names → mesh axes: the one rules table, and shardings derived from it.
+
+Parameters carry logical axis names (`out_sharding` metadata on each `nnx.Param`); the mesh
+layout of every parameter, optimizer moment and batch follows from `RULES`.
+"""
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moetrain.parallel.mesh import BATCH_AXES
+
+RULES = {
+    'batch': BATCH_AXES,
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'mlp': 'tensor',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'head_dim': None,
+    'expert': 'expert',
+    'router': None,
+}
+
+
+def logical_to_spec(logical_axes) -> PartitionSpec:
+  """Maps a tuple of logical axis names (None = replicated) to a mesh PartitionSpec."""
+  if not logical_axes:
+    return PartitionSpec()
+  return PartitionSpec(*(RULES[name] if name else None for name in logical_axes))
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh):
+  """A pure-dict tree of NamedShardings for the parameters of an abstract model state."""
+  specs = jax.tree.map(
+      lambda v: NamedSharding(mesh, logical_to_spec(v.get_metadata().get('out_sharding'))),
+      abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(specs)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of `[batch, seq]` arrays: sequences split over all data-holding axes."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,209 @@
+"""Train state, the jitted train and eval steps, and the training loop.
+
+The state is a plain dict `{'step', 'params', 'opt_state'}` of (sharded) arrays; parameters are
+the pure-dict state of the Flax NNX model, merged back into the module inside each jitted step,
+so nothing Python-side runs per step.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moetrain.data.tokenizer import PAD_ID
+from moetrain.models.transformer import Transformer
+from moetrain.parallel import sharding
+
+
+def build_model(model_config, seed: int) -> Transformer:
+  """The model with its parameters; under `init_state`'s jit they are created sharded."""
+  return Transformer(model_config, rngs=nnx.Rngs(params=seed))
+
+
+def make_optimizer(train_config):
+  """AdamW with warmup + cosine (or constant) schedule; no decay on norms and biases."""
+  t = train_config
+  if t.schedule == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
+        end_value=t.learning_rate * t.min_lr_ratio)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
+         optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
+  adamw = optax.adamw(schedule, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay,
+                      mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
+  return tx, schedule
+
+
+def decay_mask(params):
+  """True for weights that get weight decay: not norm scales, not biases."""
+  def decays(path, _):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    return name != 'scale' and not name.endswith('bias')
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run: the model's graph, optimizer, mesh and shardings."""
+  config: object
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: object
+  state_shardings: dict
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def make_setup(config, mesh) -> Setup:
+  """Derives the state shardings from the parameters' logical axes, without allocating them."""
+  abstract = nnx.eval_shape(lambda: build_model(config.model, config.train.seed))
+  graphdef, abstract_state = nnx.split(abstract)
+  param_shardings = sharding.param_shardings(abstract_state, mesh)
+  tx, schedule = make_optimizer(config.train)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
+      transform_non_params=lambda _: replicated)
+  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  return Setup(config, mesh, graphdef, tx, schedule, state_shardings,
+               sharding.batch_sharding(mesh))
+
+
+def init_state(setup: Setup) -> dict:
+  """Creates the train state directly in its shardings (never whole on one device)."""
+  def init():
+    params = nnx.to_pure_dict(nnx.state(build_model(setup.config.model,
+                                                    setup.config.train.seed)))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': setup.tx.init(params)}
+  return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def loss_and_metrics(model, batch, model_config, capacity_factor):
+  """Cross-entropy over non-padding targets plus the weighted router losses.
+
+  Returns (objective, metrics); `loss` in metrics is the cross-entropy alone.
+  """
+  inputs_BxL, targets_BxL = batch['inputs'], batch['targets']
+  logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor)
+  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+  tokens = jnp.maximum(weights_BxL.sum(), 1.0)
+  ce = (ce_BxL * weights_BxL).sum() / tokens
+  moe = model_config.moe
+  aux, z = stats['aux_loss'].sum(), stats['z_loss'].sum()
+  objective = ce + moe.aux_loss_weight * aux + moe.z_loss_weight * z
+  metrics = {'loss': ce, 'total_loss': objective, 'aux_loss': aux, 'z_loss': z,
+             'aux_loss_per_layer': stats['aux_loss'], 'z_loss_per_layer': stats['z_loss'],
+             'expert_fraction': stats['expert_fraction'],
+             'dropped_fraction': stats['dropped_fraction'], 'tokens': weights_BxL.sum()}
+  return objective, metrics
+
+
+def gradients(setup: Setup, params, batch):
+  """Gradients of the training objective (train capacity factor) and the step's metrics."""
+  model_config = setup.config.model
+
+  def objective(params):
+    model = nnx.merge(setup.graphdef, params)
+    return loss_and_metrics(model, batch, model_config, model_config.moe.capacity_factor)
+  return jax.grad(objective, has_aux=True)(params)
+
+
+def make_train_step(setup: Setup):
+  """jit(state, batch) → (state, metrics), with explicit in/out shardings; state donated."""
+
+  def train_step(state, batch):
+    grads, metrics = gradients(setup, state['params'], batch)
+    updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = setup.schedule(state['step'])
+    new_state = {'step': state['step'] + 1,
+                 'params': optax.apply_updates(state['params'], updates),
+                 'opt_state': opt_state}
+    return new_state, metrics
+
+  batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(setup: Setup):
+  """jit(params, batch) → (sum of cross-entropy, number of target tokens)."""
+  model_config = setup.config.model
+
+  def eval_step(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    _, metrics = loss_and_metrics(model, batch, model_config,
+                                  model_config.moe.eval_capacity_factor)
+    return metrics['loss'] * metrics['tokens'], metrics['tokens']
+
+  batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings['params'], batch_shardings),
+                 out_shardings=sharding.replicated(setup.mesh))
+
+
+def global_batch(setup: Setup, local_batch: dict) -> dict:
+  """This process's rows → one global jax.Array per field, sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def evaluate(setup: Setup, eval_step, params, local_batches) -> float:
+  """Mean cross-entropy per target token over the given eval batches."""
+  total, count = 0.0, 0.0
+  for local_batch in local_batches:
+    loss_sum, tokens = eval_step(params, global_batch(setup, local_batch))
+    total, count = total + float(loss_sum), count + float(tokens)
+  return total / max(count, 1.0)
+
+
+def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=None):
+  """Runs `config.train.steps` steps with periodic logging and eval; returns (state, summary).
+
+  `progress`, if given, is a tqdm-like bar advanced once per step.
+  """
+  t = setup.config.train
+  train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+  summary = {'first_loss': None, 'eval_loss': None, 'first_eval_loss': None}
+  tokens_per_step = t.batch_size * t.seq_len
+  start_step = int(state['step'])
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(start_step + 1, t.steps + 1):
+    state, metrics = train_step(state, global_batch(setup, next(train_iter)))
+    window_steps += 1
+    if summary['first_loss'] is None:
+      summary['first_loss'] = float(metrics['loss'])
+      window_start, window_steps = time.perf_counter(), 0  # leave compilation out of tokens/s
+    if step % t.log_every == 0 or step == t.steps:
+      jax.block_until_ready(metrics)
+      elapsed = time.perf_counter() - window_start
+      if window_steps:
+        metrics['tokens_per_sec'] = tokens_per_step * window_steps / elapsed
+      record = writer.write(step, metrics)
+      summary['loss'], summary['tokens_per_sec'] = record['loss'], record.get('tokens_per_sec')
+      if progress is not None:
+        progress.set_postfix(loss=f'{record["loss"]:.3f}',
+                             tok_s=f'{record.get("tokens_per_sec", 0):,.0f}', refresh=False)
+      window_start, window_steps = time.perf_counter(), 0
+    if eval_batches and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+      eval_loss = evaluate(setup, eval_step, state['params'], eval_batches)
+      writer.write(step, {'loss': eval_loss}, split='eval')
+      summary['eval_loss'] = eval_loss
+      if summary['first_eval_loss'] is None:
+        summary['first_eval_loss'] = eval_loss
+      if progress is not None:
+        progress.write(f'step {step}: eval loss {eval_loss:.3f}')
+      window_start, window_steps = time.perf_counter(), 0
+    if progress is not None:
+      progress.update(1)
+  return state, summary

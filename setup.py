@@ -1,0 +1,35 @@
+"""moetrain: a JAX/Flax trainer for sparse Mixture-of-Experts language models."""
+
+import setuptools
+
+# Versions known to work together (CPU, Python 3.11). Accelerator users install the matching
+# jax[cuda]/jax[tpu] wheels of the same jax version.
+INSTALL_REQUIRES = [
+    'jax==0.10.2',
+    'jaxlib==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'grain==0.2.18',
+    'sentencepiece==0.2.3',
+    'ml-collections==1.1.0',
+    'absl-py==2.5.1',
+    'numpy==2.4.6',
+    'tqdm==4.70.1',
+    'tensorboardX==2.6.5',
+    'protobuf==7.36.2',
+]
+
+EXTRAS_REQUIRE = {
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+}
+
+setuptools.setup(
+    name='moetrain',
+    version='0.1.0',
+    description=__doc__.splitlines()[0],
+    packages=setuptools.find_packages(include=['moetrain', 'moetrain.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,104 @@
+"""The command line: a short end-to-end run, and one clear line for every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
+         '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
+         '--config.train.seq_len=32', '--config.train.steps=4', '--config.train.log_every=2',
+         '--config.train.eval_every=2', '--config.train.eval_batches=1',
+         '--config.train.sample_tokens=4']
+
+
+def run_cli(*args, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'moetrain.train', *args], env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_short_run_writes_metrics_and_tensorboard(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir), *SMALL)
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train = [r for r in records if 'split' not in r]
+  evals = [r for r in records if r.get('split') == 'eval']
+  assert [r['step'] for r in train] == [2, 4] and [r['step'] for r in evals] == [2, 4]
+  for key in ('loss', 'aux_loss', 'z_loss', 'learning_rate', 'tokens_per_sec',
+              'expert_fraction', 'dropped_fraction'):
+    assert key in train[-1], key
+  assert len(train[-1]['expert_fraction']) == 2 and len(train[-1]['expert_fraction'][0]) == 4
+  assert abs(sum(train[-1]['expert_fraction'][0]) - 1.0) < 1e-5
+  assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
+  assert '--- sample ---' in result.stdout
+
+
+def expect_one_line_error(result, *fragments):
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('moetrain: error: ')
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+def test_missing_config_file(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/nope.py', '--workdir', str(tmp_path)),
+                        "file 'configs/nope.py' not found")
+
+
+def test_config_file_without_get_config(tmp_path):
+  path = tmp_path / 'empty.py'
+  path.write_text('VALUE = 1\n')
+  expect_one_line_error(run_cli('--config', str(path), '--workdir', str(tmp_path / 'w')),
+                        'does not define get_config()')
+
+
+def test_unknown_override_key(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+                                '--config.model.moe.topk=2'),
+                        '--config.model.moe.topk: unknown field')
+
+
+def test_unknown_flag(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+                                '--steps=3'), 'unknown flag --steps')
+
+
+def test_wrong_typed_value(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+                                '--config.train.steps=many'),
+                        '--config.train.steps=many: expected int')
+
+
+def test_top_k_above_num_experts(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(tmp_path),
+                                '--config.model.moe.top_k=9'),
+                        'model.moe.top_k=9', 'model.moe.num_experts=8')
+
+
+def test_batch_not_divisible_over_the_mesh(tmp_path):
+  workdir = tmp_path / 'w'
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir),
+                                '--config.train.batch_size=12', devices=8),
+                        'train.batch_size=12', 'data×fsdp×expert=8')
+  assert not workdir.exists()
+
+
+def test_mesh_not_matching_devices(tmp_path):
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'w'),
+                                '--config.mesh.data=4', devices=8),
+                        'needs 4 devices, but 8 are available')
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir',
+                                str(blocker / 'run')), f'--workdir {blocker / "run"}: not writable')
+  assert blocker.read_text() == 'not a directory'
