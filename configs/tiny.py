@@ -19,7 +19,7 @@ def get_config():
   m.moe.top_k = 2
 
   t = config.train
-  t.steps = 400
+  t.steps = 500
   t.batch_size = 16
   t.seq_len = 256
   t.learning_rate = 3e-3

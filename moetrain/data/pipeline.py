@@ -118,12 +118,14 @@ def train_batches(rows: np.ndarray, batch_size: int, seed: int, process_index: i
 
 def eval_batches(rows: np.ndarray, batch_size: int, num_batches: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first ``num_batches`` global batches of ``rows`` in order, this process's share.
+  """``num_batches`` global batches of rows spread evenly over ``rows``, this process's share.
 
-  Uses the same per-process split of each global batch as ``train_batches``.
-  With fewer rows, fewer batches (at least one): the last global batch is
-  completed with rows made only of ``PAD_ID``, which the loss ignores. Every
-  process gets the same number of batches.
+  The rows are taken at even strides, in order, so a few batches sample every
+  part of the split instead of only its first files. Uses the same per-process
+  split of each global batch as ``train_batches``. With fewer rows, fewer
+  batches (at least one) holding every row: the last global batch is completed
+  with rows made only of ``PAD_ID``, which the loss ignores. Every process gets
+  the same number of batches.
   """
   local = _local_batch_size(batch_size, process_index, process_count)
   if num_batches < 1:
@@ -131,7 +133,9 @@ def eval_batches(rows: np.ndarray, batch_size: int, num_batches: int, process_in
   rows = np.asarray(rows, dtype=np.int32)
   count = max(1, min(num_batches, -(-len(rows) // batch_size)))
   padded = np.full((count * batch_size, rows.shape[1]), PAD_ID, dtype=np.int32)
-  taken = rows[:count * batch_size]
+  wanted = count * batch_size
+  taken = (rows[np.linspace(0, len(rows), wanted, endpoint=False).astype(np.int64)]
+           if len(rows) > wanted else rows)
   padded[:len(taken)] = taken
   mine = padded[process_index::process_count]
   return [_inputs_and_targets(mine[i * local:(i + 1) * local]) for i in range(count)]

@@ -16,7 +16,7 @@ SPLITS = ('train', 'eval')
 _EXCLUDED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
 
 # Share of files (in thousandths) whose path hash sends them to "eval".
-_EVAL_PER_MILLE = 20
+_EVAL_PER_MILLE = 50
 
 
 def stdlib_root() -> pathlib.Path:
@@ -42,7 +42,7 @@ def _is_eval(relative: str) -> bool:
 def stdlib_files(split: str) -> list[pathlib.Path]:
   """Sorted ``.py`` files of the standard library in ``split`` ("train" or "eval").
 
-  Files are split whole (~2% to eval), by a hash of their path relative to the
+  Files are split whole (~5% to eval), by a hash of their path relative to the
   stdlib root, so the split is deterministic and disjoint.
   """
   if split not in SPLITS:

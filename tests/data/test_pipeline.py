@@ -111,12 +111,13 @@ def test_iterator_state_restores_position():
   assert [_row_ids(next(fresh)) for _ in range(5)] == expected
 
 
-def test_eval_batches_in_order_and_sharded():
-  rows = _rows(20)
+def test_eval_batches_spread_evenly_in_order_and_sharded():
+  rows = _rows(24)
   batches = pipeline.eval_batches(rows, 4, num_batches=3)
   assert len(batches) == 3
-  np.testing.assert_array_equal(np.concatenate([b['inputs'] for b in batches]), rows[:12, :-1])
-  np.testing.assert_array_equal(np.concatenate([b['targets'] for b in batches]), rows[:12, 1:])
+  spread = rows[::2]  # 12 of 24 rows: every second one, covering the whole split
+  np.testing.assert_array_equal(np.concatenate([b['inputs'] for b in batches]), spread[:, :-1])
+  np.testing.assert_array_equal(np.concatenate([b['targets'] for b in batches]), spread[:, 1:])
   assert [_row_ids(b) for b in batches] == [_row_ids(b) for b in pipeline.eval_batches(rows, 4, 3)]
 
   halves = [pipeline.eval_batches(rows, 4, 3, process_index=p, process_count=2) for p in (0, 1)]

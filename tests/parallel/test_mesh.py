@@ -1,0 +1,65 @@
+"""Mesh shapes from config.mesh, the layout checks, and the logical → mesh sharding rules."""
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moetrain import config as config_lib
+from moetrain import trainer
+from moetrain.config import ConfigError
+from moetrain.parallel import sharding
+from moetrain.parallel.mesh import make_mesh, mesh_shape
+
+
+def tiny(*overrides):
+  return config_lib.load('configs/tiny.py', list(overrides))
+
+
+@pytest.mark.parametrize('axes, devices, expected', [
+    ({'data': -1}, 8, (8, 1, 1, 1)),
+    ({'data': -1, 'expert': 4}, 8, (2, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'expert': 2}, 8, (2, 2, 2, 1)),
+    ({'data': 1, 'tensor': -1}, 4, (1, 1, 1, 4)),
+])
+def test_mesh_shape_fills_the_minus_one_axis(axes, devices, expected):
+  config = tiny(*(f'--config.mesh.{axis}={size}' for axis, size in axes.items()))
+  assert mesh_shape(config.mesh, devices) == expected
+
+
+def test_mesh_shape_errors_name_the_axes():
+  with pytest.raises(ConfigError, match='data=-1 fsdp=3 .* does not divide the 8 available'):
+    mesh_shape(tiny('--config.mesh.fsdp=3').mesh, 8)
+  with pytest.raises(ConfigError, match='needs 2 devices, but 8 are available'):
+    mesh_shape(tiny('--config.mesh.data=2').mesh, 8)
+
+
+def test_layout_checks_name_the_fields():
+  with pytest.raises(ConfigError, match='model.moe.num_experts=8 must be divisible by mesh.expert=16'):
+    make_mesh(tiny('--config.mesh.expert=16', '--config.train.batch_size=16'),
+              jax.devices()[:1] * 16)
+  with pytest.raises(ConfigError, match='model.num_kv_heads=2 must be divisible by mesh.tensor=4'):
+    make_mesh(tiny('--config.mesh.tensor=4', '--config.mesh.data=2'), jax.devices()[:8])
+
+
+def test_rules_map_logical_axes_to_mesh_axes():
+  assert sharding.logical_to_spec(('expert', 'embed', 'mlp')) == P('expert', 'fsdp', 'tensor')
+  assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
+  assert sharding.logical_to_spec(None) == P()
+
+
+def test_parameters_are_created_sharded_by_the_rules():
+  config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.expert=2',
+                '--config.mesh.tensor=2')
+  mesh = make_mesh(config, jax.devices()[:8])
+  setup = trainer.make_setup(config, mesh)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(setup)
+  experts = state['params']['blocks'][0]['ffn']['w_up']
+  assert experts.sharding.spec == P('expert', 'fsdp', 'tensor')
+  # Each device holds a quarter of the experts' rows... and columns: 1/8 of the tensor.
+  assert experts.addressable_shards[0].data.size * 8 == experts.size
+  # Adam moments are sharded like their parameters.
+  moments = jax.tree.leaves(state['opt_state'])
+  assert any(m.shape == experts.shape and m.sharding.spec == experts.sharding.spec
+             for m in moments)
