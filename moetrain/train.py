@@ -91,7 +91,8 @@ def run(config, workdir_path: str) -> dict:
   lead = jax.process_index() == 0
   tokenizer, train_iter, eval_batches = load_data(config, jax.process_index(),
                                                   jax.process_count())
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  if lead:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   setup = trainer.make_setup(config, mesh)
   writer = metrics.MetricsWriter(workdir, enabled=lead)
   with jax.set_mesh(mesh):
