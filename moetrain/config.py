@@ -39,19 +39,29 @@ def default_config() -> ml_collections.ConfigDict:
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts per MoE layer; 0 gives a dense model
-  e.top_k = 2  # experts per token
-  e.d_expert = 0  # hidden width of each expert; 0 means model.d_ff
-  e.router = 'softmax'  # softmax: p = softmax(x·W_r), choose top-k of p
+  e.top_k = 2  # experts per token (null experts count among the k)
+  e.d_expert = 0  # hidden width of each routed expert; 0 means model.d_ff
+  e.num_shared_experts = 0  # always-on experts added to the routed output (DeepSeekMoE)
+  e.d_shared_expert = 0  # hidden width of each shared expert; 0 means the routed width
+  e.shared_expert_gate = False  # scale the shared output by sigmoid(x·w) (Qwen2-MoE)
+  e.router = 'softmax'  # softmax | sigmoid (DeepSeek-V3) | expert_choice (experts pick tokens)
   e.norm_topk_prob = True  # renormalise the chosen gate weights to sum to 1
-  e.aux_loss = 'local'  # load-balance statistics: local (per dispatch group) | none
-  e.aux_loss_weight = 0.01  # weight of the Switch load-balancing loss
+  e.routed_scaling_factor = 1.0  # multiplies the routed gate weights (2.5 in DeepSeek-V3)
+  e.num_groups = 1  # group-limited routing: experts split into this many equal groups
+  e.topk_groups = 1  # groups kept per token (by the sum of their top-2 scores)
+  e.bias_update_rate = 0.0  # auxiliary-loss-free balancing bias step; 0 disables the bias
+  e.jitter = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training (Switch)
+  e.num_null_experts = 0  # zero-compute experts a token may choose (AdaMoE)
+  e.aux_loss = 'local'  # load-balance statistics over: local | global | sequence | none
+  e.aux_loss_weight = 0.01  # weight of the load-balancing loss
   e.z_loss_weight = 1e-3  # weight of the ST-MoE router z-loss
   e.group_size = 1  # sequences per dispatch group (capacity and dropping act per group)
   e.capacity_factor = 1.25  # training capacity = ceil(cf·tokens·k/E); <= 0 means dropless
   e.eval_capacity_factor = 2.0  # capacity factor of periodic eval; <= 0 means dropless
   e.min_capacity = 4  # lower bound of the per-expert capacity
-  e.drop_policy = 'position'  # which assignments overflow first: position (later choices/tokens)
-  e.dispatch = 'capacity'  # capacity (gather/scatter) | einsum (one-hot reference)
+  e.drop_policy = 'position'  # who overflows first: position (later choices, later tokens)
+  #                             or priority (lowest top router probability first)
+  e.dispatch = 'auto'  # auto | capacity (gather/scatter) | einsum (one-hot) | dropless (sort)
   e.layer_interval = 1  # every n-th block after the dense ones is an MoE block
   e.first_dense_layers = 0  # leading blocks that stay dense
 
@@ -90,10 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
 ENUMS = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.moe.router': ('softmax',),
-    'model.moe.aux_loss': ('local', 'none'),
-    'model.moe.drop_policy': ('position',),
-    'model.moe.dispatch': ('capacity', 'einsum'),
+    'model.moe.router': ('softmax', 'sigmoid', 'expert_choice'),
+    'model.moe.aux_loss': ('local', 'global', 'sequence', 'none'),
+    'model.moe.drop_policy': ('position', 'priority'),
+    'model.moe.dispatch': ('auto', 'capacity', 'einsum', 'dropless'),
     'train.schedule': ('cosine', 'constant'),
     'data.source': ('stdlib',),
 }
@@ -101,13 +111,15 @@ ENUMS = {
 POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
-    'model.moe.layer_interval', 'train.steps', 'train.batch_size', 'train.seq_len',
+    'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps', 'train.batch_size', 'train.seq_len',
     'train.log_every', 'train.eval_batches',
 )
 
 NON_NEGATIVE = (
     'model.head_dim', 'model.moe.num_experts', 'model.moe.d_expert', 'model.moe.min_capacity',
     'model.moe.first_dense_layers', 'model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
+    'model.moe.num_shared_experts', 'model.moe.d_shared_expert', 'model.moe.bias_update_rate',
+    'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate',
 )
@@ -143,12 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('the head dimension (model.head_dim, or model.d_model // '
                       'model.num_heads) must be even for rotary embeddings')
   if e.num_experts:
-    if not 1 <= e.top_k <= e.num_experts:
-      raise ConfigError(f'model.moe.top_k={e.top_k} must be between 1 and '
-                        f'model.moe.num_experts={e.num_experts}')
-    if e.first_dense_layers >= m.num_layers:
-      raise ConfigError(f'model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE '
-                        f'layer among model.num_layers={m.num_layers}')
+    _validate_moe(e, m, t)
   if t.seq_len > m.max_seq_len:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
   if t.batch_size % e.group_size:
@@ -160,6 +167,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'mesh.{axis}={size} must be >= 1, or -1 to fill the devices')
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
     raise ConfigError('at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1')
+
+
+def _validate_moe(e, m, t):
+  """Checks the routed-expert fields of a model with num_experts > 0."""
+  choices = e.num_experts + e.num_null_experts
+  if not 1 <= e.top_k <= choices:
+    null = (f' + model.moe.num_null_experts={e.num_null_experts}'
+            if e.num_null_experts else '')
+    raise ConfigError(f'model.moe.top_k={e.top_k} must be between 1 and '
+                      f'model.moe.num_experts={e.num_experts}{null}')
+  if e.first_dense_layers >= m.num_layers:
+    raise ConfigError(f'model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE '
+                      f'layer among model.num_layers={m.num_layers}')
+  if e.num_experts % e.num_groups:
+    raise ConfigError(f'model.moe.num_experts={e.num_experts} must be divisible by '
+                      f'model.moe.num_groups={e.num_groups}')
+  if e.topk_groups > e.num_groups:
+    raise ConfigError(f'model.moe.topk_groups={e.topk_groups} must be <= '
+                      f'model.moe.num_groups={e.num_groups}')
+  if e.num_groups > 1:
+    if e.num_null_experts:
+      raise ConfigError('model.moe.num_null_experts must be 0 with group-limited routing '
+                        f'(model.moe.num_groups={e.num_groups})')
+    if e.num_experts // e.num_groups < 2:
+      raise ConfigError(f'model.moe.num_groups={e.num_groups} leaves fewer than 2 experts per '
+                        'group; a group is scored by its top-2 experts')
+    if e.topk_groups * (e.num_experts // e.num_groups) < e.top_k:
+      raise ConfigError(f'model.moe.topk_groups={e.topk_groups} groups of '
+                        f'{e.num_experts // e.num_groups} experts hold fewer than '
+                        f'model.moe.top_k={e.top_k}')
+  if e.bias_update_rate and e.num_null_experts:
+    raise ConfigError('model.moe.bias_update_rate balances real experts only; it cannot be '
+                      f'combined with model.moe.num_null_experts={e.num_null_experts}')
+  if e.router == 'expert_choice':
+    for field in ('num_null_experts', 'bias_update_rate'):
+      if e[field]:
+        raise ConfigError(f'model.moe.{field}={e[field]} does not apply to '
+                          'model.moe.router=expert_choice')
+    if e.num_groups > 1:
+      raise ConfigError('model.moe.num_groups > 1 does not apply to '
+                        'model.moe.router=expert_choice')
+    if e.dispatch == 'dropless':
+      raise ConfigError('model.moe.dispatch=dropless does not apply to '
+                        'model.moe.router=expert_choice (each expert takes its capacity)')
+    if t.sample_tokens:
+      raise ConfigError(f'train.sample_tokens={t.sample_tokens}: model.moe.router='
+                        'expert_choice looks at future tokens and cannot decode causally')
+  if e.jitter >= 1:
+    raise ConfigError(f'model.moe.jitter={e.jitter} must be < 1')
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

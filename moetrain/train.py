@@ -110,7 +110,7 @@ def run(config, workdir_path: str) -> dict:
     print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard: tensorboard --logdir {workdir}')
   if config.train.sample_tokens and lead:
     prompt = tokenizer.encode(SAMPLE_PROMPT)
-    new = generate.generate(setup.graphdef, state['params'], prompt,
+    new = generate.generate(setup.graphdef, state['params'], state['buffers'], prompt,
                             min(config.train.sample_tokens,
                                 config.model.max_seq_len - len(prompt)),
                             temperature=0.7, seed=config.train.seed)

@@ -1,8 +1,10 @@
 """Train state, the jitted train and eval steps, and the training loop.
 
-The state is a plain dict `{'step', 'params', 'opt_state'}` of (sharded) arrays; parameters are
-the pure-dict state of the Flax NNX model, merged back into the module inside each jitted step,
-so nothing Python-side runs per step.
+The state is a plain dict `{'step', 'params', 'buffers', 'opt_state'}` of (sharded) arrays:
+`params` are the model's `nnx.Param`s (what the optimizer updates), `buffers` its other
+variables (the routers' balancing biases, updated by the forward pass itself). Both are pure
+dicts merged back into the Flax NNX module inside each jitted step, so nothing Python-side
+runs per step.
 """
 
 import dataclasses
@@ -15,8 +17,12 @@ import optax
 from flax import nnx
 
 from moetrain.data.tokenizer import PAD_ID
-from moetrain.models.transformer import Transformer
+from moetrain.models.transformer import STAT_SHAPES, Transformer
 from moetrain.parallel import sharding
+
+
+# Per-MoE-layer statistics reported as they are, one entry per layer.
+LAYER_METRICS = tuple(name for name in STAT_SHAPES if name not in ('aux_loss', 'z_loss'))
 
 
 def build_model(model_config, seed: int) -> Transformer:
@@ -64,15 +70,17 @@ class Setup:
 def make_setup(config, mesh) -> Setup:
   """Derives the state shardings from the parameters' logical axes, without allocating them."""
   abstract = nnx.eval_shape(lambda: build_model(config.model, config.train.seed))
-  graphdef, abstract_state = nnx.split(abstract)
-  param_shardings = sharding.param_shardings(abstract_state, mesh)
+  graphdef, abstract_params, abstract_buffers = nnx.split(abstract, nnx.Param, ...)
+  param_shardings = sharding.param_shardings(abstract_params, mesh)
   tx, schedule = make_optimizer(config.train)
-  abstract_params = nnx.to_pure_dict(abstract_state)
+  abstract_params = nnx.to_pure_dict(abstract_params)
   replicated = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
       transform_non_params=lambda _: replicated)
-  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  state_shardings = {'step': replicated, 'params': param_shardings,
+                     'buffers': sharding.param_shardings(abstract_buffers, mesh),
+                     'opt_state': opt_shardings}
   return Setup(config, mesh, graphdef, tx, schedule, state_shardings,
                sharding.batch_sharding(mesh))
 
@@ -80,20 +88,22 @@ def make_setup(config, mesh) -> Setup:
 def init_state(setup: Setup) -> dict:
   """Creates the train state directly in its shardings (never whole on one device)."""
   def init():
-    params = nnx.to_pure_dict(nnx.state(build_model(setup.config.model,
-                                                    setup.config.train.seed)))
+    model = build_model(setup.config.model, setup.config.train.seed)
+    _, params, buffers = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': setup.tx.init(params)}
+            'buffers': nnx.to_pure_dict(buffers), 'opt_state': setup.tx.init(params)}
   return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
-def loss_and_metrics(model, batch, model_config, capacity_factor):
+def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None):
   """Cross-entropy over non-padding targets plus the weighted router losses.
 
   Returns (objective, metrics); `loss` in metrics is the cross-entropy alone.
   """
   inputs_BxL, targets_BxL = batch['inputs'], batch['targets']
-  logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor)
+  logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor,
+                                      train=train, rng=rng)
   weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   tokens = jnp.maximum(weights_BxL.sum(), 1.0)
@@ -103,32 +113,35 @@ def loss_and_metrics(model, batch, model_config, capacity_factor):
   objective = ce + moe.aux_loss_weight * aux + moe.z_loss_weight * z
   metrics = {'loss': ce, 'total_loss': objective, 'aux_loss': aux, 'z_loss': z,
              'aux_loss_per_layer': stats['aux_loss'], 'z_loss_per_layer': stats['z_loss'],
-             'expert_fraction': stats['expert_fraction'],
-             'dropped_fraction': stats['dropped_fraction'], 'tokens': weights_BxL.sum()}
+             **{name: stats[name] for name in LAYER_METRICS}, 'tokens': weights_BxL.sum()}
   return objective, metrics
 
 
-def gradients(setup: Setup, params, batch):
-  """Gradients of the training objective (train capacity factor) and the step's metrics."""
+def gradients(setup: Setup, params, buffers, batch, rng):
+  """Gradients of the training objective, the step's metrics and the updated buffers."""
   model_config = setup.config.model
 
   def objective(params):
-    model = nnx.merge(setup.graphdef, params)
-    return loss_and_metrics(model, batch, model_config, model_config.moe.capacity_factor)
-  return jax.grad(objective, has_aux=True)(params)
+    model = nnx.merge(setup.graphdef, params, buffers)
+    loss, metrics = loss_and_metrics(model, batch, model_config,
+                                     model_config.moe.capacity_factor, train=True, rng=rng)
+    return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+  grads, (metrics, new_buffers) = jax.grad(objective, has_aux=True)(params)
+  return grads, metrics, new_buffers
 
 
 def make_train_step(setup: Setup):
   """jit(state, batch) → (state, metrics), with explicit in/out shardings; state donated."""
 
   def train_step(state, batch):
-    grads, metrics = gradients(setup, state['params'], batch)
+    rng = jax.random.fold_in(jax.random.key(setup.config.train.seed), state['step'])
+    grads, metrics, buffers = gradients(setup, state['params'], state['buffers'], batch, rng)
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['learning_rate'] = setup.schedule(state['step'])
     new_state = {'step': state['step'] + 1,
                  'params': optax.apply_updates(state['params'], updates),
-                 'opt_state': opt_state}
+                 'buffers': buffers, 'opt_state': opt_state}
     return new_state, metrics
 
   batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
@@ -138,17 +151,18 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup):
-  """jit(params, batch) → (sum of cross-entropy, number of target tokens)."""
+  """jit(params, buffers, batch) → (sum of cross-entropy, number of target tokens)."""
   model_config = setup.config.model
 
-  def eval_step(params, batch):
-    model = nnx.merge(setup.graphdef, params)
+  def eval_step(params, buffers, batch):
+    model = nnx.merge(setup.graphdef, params, buffers)
     _, metrics = loss_and_metrics(model, batch, model_config,
                                   model_config.moe.eval_capacity_factor)
     return metrics['loss'] * metrics['tokens'], metrics['tokens']
 
   batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
-  return jax.jit(eval_step, in_shardings=(setup.state_shardings['params'], batch_shardings),
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings['params'],
+                                          setup.state_shardings['buffers'], batch_shardings),
                  out_shardings=sharding.replicated(setup.mesh))
 
 
@@ -158,11 +172,12 @@ def global_batch(setup: Setup, local_batch: dict) -> dict:
           for k, v in local_batch.items()}
 
 
-def evaluate(setup: Setup, eval_step, params, local_batches) -> float:
+def evaluate(setup: Setup, eval_step, state, local_batches) -> float:
   """Mean cross-entropy per target token over the given eval batches."""
   total, count = 0.0, 0.0
   for local_batch in local_batches:
-    loss_sum, tokens = eval_step(params, global_batch(setup, local_batch))
+    loss_sum, tokens = eval_step(state['params'], state['buffers'],
+                                 global_batch(setup, local_batch))
     total, count = total + float(loss_sum), count + float(tokens)
   return total / max(count, 1.0)
 
@@ -196,7 +211,7 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
                              tok_s=f'{record.get("tokens_per_sec", 0):,.0f}', refresh=False)
       window_start, window_steps = time.perf_counter(), 0
     if eval_batches and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-      eval_loss = evaluate(setup, eval_step, state['params'], eval_batches)
+      eval_loss = evaluate(setup, eval_step, state, eval_batches)
       writer.write(step, {'loss': eval_loss}, split='eval')
       summary['eval_loss'] = eval_loss
       if summary['first_eval_loss'] is None:

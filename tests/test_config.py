@@ -98,3 +98,31 @@ def test_dense_model_needs_no_moe_checks():
   config = config_lib.load('configs/tiny.py', ['--config.model.moe.num_experts=0',
                                                '--config.model.moe.top_k=5'])
   assert config.model.moe.num_experts == 0
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.model.moe.num_groups=4', '--config.model.moe.topk_groups=5'],
+     'model.moe.topk_groups=5 must be <= model.moe.num_groups=4'),
+    (['--config.model.moe.num_groups=3'],
+     'model.moe.num_experts=8 must be divisible by model.moe.num_groups=3'),
+    (['--config.model.moe.num_null_experts=2', '--config.model.moe.top_k=11'],
+     'model.moe.top_k=11 must be between 1 and model.moe.num_experts=8 '
+     r'\+ model.moe.num_null_experts=2'),
+    (['--config.model.moe.num_groups=4', '--config.model.moe.topk_groups=1',
+      '--config.model.moe.top_k=3'], 'model.moe.topk_groups=1 groups of 2 experts hold fewer'),
+    (['--config.model.moe.router=expert_choice', '--config.model.moe.dispatch=dropless'],
+     'dispatch=dropless does not apply to model.moe.router=expert_choice'),
+    (['--config.model.moe.router=expert_choice'],
+     'train.sample_tokens=120: model.moe.router=expert_choice looks at future tokens'),
+    (['--config.model.moe.bias_update_rate=0.001', '--config.model.moe.num_null_experts=1'],
+     'bias_update_rate balances real experts only'),
+])
+def test_invalid_routing_combinations_name_the_fields(flags, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.load('configs/tiny.py', flags)
+
+
+def test_null_experts_allow_top_k_up_to_all_choices():
+  config = config_lib.load('configs/tiny.py', ['--config.model.moe.num_null_experts=2',
+                                               '--config.model.moe.top_k=10'])
+  assert config.model.moe.top_k == 10

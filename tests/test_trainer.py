@@ -34,7 +34,8 @@ def one_step(config, devices):
   with jax.set_mesh(mesh):
     state = trainer.init_state(setup)
     batch = trainer.global_batch(setup, batch_for(config))
-    grads, _ = jax.jit(functools.partial(trainer.gradients, setup))(state['params'], batch)
+    grads, _, _ = jax.jit(functools.partial(trainer.gradients, setup))(
+        state['params'], state['buffers'], batch, jax.random.key(0))
     state, metrics = trainer.make_train_step(setup)(state, batch)
     return jax.device_get((grads, metrics, state))
 

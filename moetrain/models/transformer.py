@@ -10,7 +10,9 @@ from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
 
 # Routing statistics every MoE layer reports; stacked over MoE layers as [num_moe_layers, ...].
-STAT_SHAPES = {'aux_loss': (), 'z_loss': (), 'expert_fraction': ('E',), 'dropped_fraction': ()}
+STAT_SHAPES = {'aux_loss': (), 'z_loss': (), 'expert_fraction': ('E',), 'max_load': (),
+               'dropped_fraction': (), 'experts_per_token': (), 'router_entropy': (),
+               'router_bias': ('E',)}
 
 
 def is_moe_layer(config, index: int) -> bool:
@@ -30,11 +32,11 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(config.d_model, config)
     self.ffn = MoE(config, rngs=rngs) if moe else MLP(config, config.d_ff, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, capacity_factor):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
     x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD), positions_BxL)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if isinstance(self.ffn, MoE):
-      y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor)
+      y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor, train=train, rng=rng)
     else:
       y_BxLxD, stats = self.ffn(h_BxLxD), None
     return x_BxLxD + y_BxLxD, stats
@@ -51,24 +53,30 @@ class Transformer(nnx.Module):
     self.unembed = (None if config.tie_embeddings else
                     param(rngs, (config.d_model, config.vocab_size), ('embed', 'vocab'), config))
     self.num_experts = config.moe.num_experts
+    # Expert choice routes each token by comparing it with later tokens of its group.
+    self.causal = not (config.moe.num_experts and config.moe.router == 'expert_choice')
     self.dtype = jnp.dtype(config.dtype)
 
   def __call__(self, tokens_BxL):
     return self.forward(tokens_BxL)[0]
 
-  def forward(self, tokens_BxL, mask_BxL=None, capacity_factor: float = 0.0):
+  def forward(self, tokens_BxL, mask_BxL=None, capacity_factor: float = 0.0, *,
+              train: bool = False, rng=None):
     """Logits [B, L, V] (float32) and routing statistics stacked over MoE layers.
 
     `mask_BxL` marks real tokens (padding is kept out of routing statistics and capacity);
-    `capacity_factor <= 0` routes dropless.
+    `capacity_factor <= 0` routes dropless. `train=True` enables router jitter (drawn from
+    `rng`) and updates the balancing biases in place.
     """
     if mask_BxL is None:
       mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
     positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
     layer_stats = []
-    for block in self.blocks:
-      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor)
+    for index, block in enumerate(self.blocks):
+      layer_rng = None if rng is None else jax.random.fold_in(rng, index)
+      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train,
+                             layer_rng)
       if stats is not None:
         layer_stats.append(stats)
     x_BxLxD = self.final_norm(x_BxLxD)

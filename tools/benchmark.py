@@ -1,0 +1,170 @@
+"""moetrain benchmarks.
+
+  python tools/benchmark.py moe-layer [--shapes small|full] [--json out.json]
+
+moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
+dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
+a shared expert, where the shape has one, is added to both), timed side by side in one process.
+The ratio MoE / dense is the overhead PERFORMANCE.md sets targets for (1.0: no overhead).
+Absolute times move from machine to machine; compare ratios from one run.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from moetrain.models import dispatch, routing  # noqa: E402
+from moetrain.models.mlp import swiglu  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+  name: str
+  d_model: int
+  d_expert: int
+  num_experts: int
+  top_k: int
+  sequences: int  # one dispatch group each
+  seq_len: int
+  d_shared: int = 0  # hidden width of a shared expert; 0: none
+
+
+# `small` fits a 2-core CPU in about two minutes; `full` are PERFORMANCE.md's GPU shapes.
+SHAPES = {
+    'small': (
+        LayerShape('E8 top-2', 256, 512, 8, 2, 8, 512),
+        LayerShape('E64 top-8 + shared', 256, 64, 64, 8, 8, 512, d_shared=64),
+    ),
+    'full': (
+        LayerShape('E8 top-2 d2048 (Mixtral-like)', 2048, 5632, 8, 2, 4, 4096),
+        LayerShape('E8 top-2 d1024', 1024, 2816, 8, 2, 4, 4096),
+        LayerShape('E64 top-8 f1408 + shared (OLMoE/DeepSeek-like)', 2048, 1408, 64, 8, 4, 4096,
+                   d_shared=1408),
+    ),
+}
+DTYPES = {'small': jnp.float32, 'full': jnp.bfloat16}
+
+
+def _normal(key, shape, fan_in, dtype):
+  return (jax.random.normal(key, shape, jnp.float32) / fan_in**0.5).astype(dtype)
+
+
+def _shared_params(shape, keys, dtype):
+  d, f = shape.d_model, shape.d_shared
+  if not f:
+    return ()
+  return (_normal(keys[0], (d, f), d, dtype), _normal(keys[1], (d, f), d, dtype),
+          _normal(keys[2], (f, d), f, dtype))
+
+
+def _with_shared(y_GxTxD, x_GxTxD, shared):
+  return y_GxTxD + swiglu(x_GxTxD, *shared) if shared else y_GxTxD
+
+
+def layer_steps(shape, dtype, backends, capacity_factor, min_capacity):
+  """Jitted train steps of the dense FFN and of the MoE layer per backend, with their inputs."""
+  d, f, e, k = shape.d_model, shape.d_expert, shape.num_experts, shape.top_k
+  keys = jax.random.split(jax.random.key(0), 11)
+  x_GxTxD = jax.random.normal(keys[0], (shape.sequences, shape.seq_len, d), jnp.float32)
+  x_GxTxD = x_GxTxD.astype(dtype)
+  shared = _shared_params(shape, keys[1:4], dtype)
+  dense = (_normal(keys[4], (d, k * f), d, dtype), _normal(keys[5], (d, k * f), d, dtype),
+           _normal(keys[6], (k * f, d), k * f, dtype), *shared)
+  moe = (_normal(keys[7], (d, e), d, jnp.float32), _normal(keys[8], (e, d, f), d, dtype),
+         _normal(keys[9], (e, d, f), d, dtype), _normal(keys[10], (e, f, d), f, dtype), *shared)
+  mask_GxT = jnp.ones(x_GxTxD.shape[:2], jnp.float32)
+  capacity = routing.expert_capacity(shape.seq_len, k, e, capacity_factor, min_capacity)
+
+  def dense_loss(x_GxTxD, params):
+    y_GxTxD = swiglu(x_GxTxD, *params[:3])
+    return jnp.sum(_with_shared(y_GxTxD, x_GxTxD, params[3:]).astype(jnp.float32))
+
+  def moe_loss(x_GxTxD, params, *, backend):
+    router_DxE, w_gate, w_up, w_down = params[:4]
+    logits_GxTxE = jnp.einsum('gtd,de->gte', x_GxTxD.astype(jnp.float32), router_DxE)
+    weights_GxTxK, experts_GxTxK = routing.top_k_gates(
+        routing.router_probabilities(logits_GxTxE), k, True)
+    y_GxTxD, _ = dispatch.token_choice_ffn(x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT,
+                                           w_gate, w_up, w_down, capacity=capacity,
+                                           backend=backend)
+    return jnp.sum(_with_shared(y_GxTxD, x_GxTxD, params[4:]).astype(jnp.float32))
+
+  train_step = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))
+  steps = {'dense': (train_step(dense_loss), (x_GxTxD, dense))}
+  for backend in backends:
+    steps[backend] = (train_step(functools.partial(moe_loss, backend=backend)), (x_GxTxD, moe))
+  return steps, capacity
+
+
+def time_steps(steps, repeats):
+  """Median seconds per call of each step; calls interleaved, so drift hits all alike."""
+  for step, args in steps.values():  # compile and warm up, not timed
+    jax.block_until_ready(step(*args))
+  seconds = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, (step, args) in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      seconds[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def moe_layer(args):
+  device = jax.devices()[0]
+  dtype = DTYPES[args.shapes]
+  print(f'platform {device.platform}, device {device.device_kind} (x{jax.device_count()}), '
+        f'jax {jax.__version__}, {jnp.dtype(dtype).name}, capacity factor '
+        f'{args.capacity_factor}, median of {args.repeats}', flush=True)
+  rows = []
+  header = f'{"shape":<48} {"backend":<9} {"ms MoE":>9} {"ms dense":>9} {"ratio":>6}'
+  print(header)
+  print('-' * len(header))
+  for shape in SHAPES[args.shapes]:
+    steps, capacity = layer_steps(shape, dtype, args.backends, args.capacity_factor,
+                                  args.min_capacity)
+    seconds = time_steps(steps, args.repeats)
+    for backend in args.backends:
+      ms_moe, ms_dense = 1e3 * seconds[backend], 1e3 * seconds['dense']
+      row = dataclasses.asdict(shape)
+      row.update(shape=row.pop('name'), backend=backend, capacity=capacity,
+                 tokens=shape.sequences * shape.seq_len, ms_moe=ms_moe, ms_dense=ms_dense,
+                 ratio=ms_moe / ms_dense)
+      rows.append(row)
+      print(f'{shape.name:<48} {backend:<9} {ms_moe:9.1f} {ms_dense:9.1f} '
+            f'{ms_moe / ms_dense:6.2f}', flush=True)
+  if args.json:
+    report = dict(platform=device.platform, device=device.device_kind, jax=jax.__version__,
+                  dtype=jnp.dtype(dtype).name, capacity_factor=args.capacity_factor,
+                  repeats=args.repeats, rows=rows)
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  layer = commands.add_parser('moe-layer', help='MoE layer train step vs dense, per backend')
+  layer.add_argument('--shapes', choices=sorted(SHAPES), default='small')
+  layer.add_argument('--backends', nargs='+', choices=dispatch.BACKENDS,
+                     default=list(dispatch.BACKENDS))
+  layer.add_argument('--capacity-factor', type=float, default=1.25)
+  layer.add_argument('--min-capacity', type=int, default=4)
+  layer.add_argument('--repeats', type=int, default=5)
+  layer.add_argument('--json', help='also write the results to this JSON file')
+  layer.set_defaults(run=moe_layer)
+  args = parser.parse_args(argv)
+  args.run(args)
+
+
+if __name__ == '__main__':
+  main()
