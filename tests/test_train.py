@@ -30,10 +30,12 @@ def test_short_run_writes_metrics_and_tensorboard(tmp_path):
   evals = [r for r in records if r.get('split') == 'eval']
   assert [r['step'] for r in train] == [2, 4] and [r['step'] for r in evals] == [2, 4]
   for key in ('loss', 'aux_loss', 'z_loss', 'learning_rate', 'tokens_per_sec',
-              'expert_fraction', 'dropped_fraction'):
+              'expert_fraction', 'dropped_fraction', 'max_load', 'router_entropy',
+              'experts_per_token', 'router_bias', 'aux_loss_per_layer', 'z_loss_per_layer'):
     assert key in train[-1], key
   assert len(train[-1]['expert_fraction']) == 2 and len(train[-1]['expert_fraction'][0]) == 4
   assert abs(sum(train[-1]['expert_fraction'][0]) - 1.0) < 1e-5
+  assert len(train[-1]['max_load']) == 2 and min(train[-1]['max_load']) >= 1.0
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
   assert '--- sample ---' in result.stdout
 

@@ -14,10 +14,15 @@ from moetrain.models import dispatch, routing
 from moetrain.models.layers import param
 from moetrain.models.mlp import MLP
 
-# Measured with `tools/benchmark.py moe-layer` (see docs): gather/scatter into capacity buffers
-# beat the one-hot einsum and XLA's ragged_dot on CPU and, per the GPU reference figures, on
-# GPU too.
-AUTO_DISPATCH = 'capacity'
+# `dispatch=auto` per platform, from `tools/benchmark.py moe-layer` (docs/benchmarks.md):
+# capacity buffers beat the one-hot einsum and ragged_dot on CPU, and on an H100 in the
+# project's GPU reference figures. TPU is not measured yet; capacity is its safe default.
+AUTO_DISPATCH = {'cpu': 'capacity', 'gpu': 'capacity', 'tpu': 'capacity'}
+
+
+def resolve_dispatch(name: str) -> str:
+  """The dispatch backend to run: `name`, or this platform's measured best for 'auto'."""
+  return AUTO_DISPATCH.get(jax.default_backend(), 'capacity') if name == 'auto' else name
 
 
 class RouterBias(nnx.Variable):
@@ -73,16 +78,16 @@ class MoE(nnx.Module):
 
     capacity = routing.expert_capacity(tokens, moe.top_k, moe.num_experts, capacity_factor,
                                        moe.min_capacity)
-    backend = AUTO_DISPATCH if moe.dispatch == 'auto' else moe.dispatch
+    backend = resolve_dispatch(moe.dispatch)
     weights = [self.w_gate[...], self.w_up[...], self.w_down[...]]
     weights = [w.astype(self.dtype) for w in weights]
+    bias_E = self.router_bias[...] if moe.bias_update_rate else None
     if moe.router == 'expert_choice':
       tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
       y_GxTxD = dispatch.expert_choice_ffn(x_GxTxD, tokens_GxExC, gates_GxExC, *weights,
                                            backend=backend)
       stats = self._expert_choice_stats(tokens_GxExC, gates_GxExC, mask_GxT)
     else:
-      bias_E = self.router_bias[...] if moe.bias_update_rate else None
       experts_GxTxK = routing.select_experts(scores_GxTxR, moe.top_k, bias_E=bias_E,
                                              num_groups=moe.num_groups,
                                              topk_groups=moe.topk_groups)
@@ -102,8 +107,9 @@ class MoE(nnx.Module):
 
     stats['z_loss'] = routing.router_z_loss(logits_GxTxR, mask_GxT)
     stats['router_entropy'] = routing.router_entropy(probs_GxTxR, mask_GxT)
-    stats['router_bias'] = (self.router_bias[...] if moe.bias_update_rate
-                            else jnp.zeros((moe.num_experts,), jnp.float32))
+    # The bias that routed this batch (the update above applies from the next one).
+    stats['router_bias'] = (jnp.zeros((moe.num_experts,), jnp.float32) if bias_E is None
+                            else bias_E)
     y_BxLxD = y_GxTxD.reshape(b, l, d)
     if moe.num_shared_experts:
       y_BxLxD = y_BxLxD + self._shared(x_BxLxD)

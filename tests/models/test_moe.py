@@ -9,7 +9,8 @@ from flax import nnx
 from moetrain import config as config_lib
 from moetrain.models import routing
 from moetrain.models.moe import MoE
-from reference_moe import moe_loop_reference
+from reference_moe import (expert_choice_loop_reference, moe_loop_reference,
+                           token_choice_loop_reference)
 
 
 def moe_config(**moe):
@@ -105,3 +106,69 @@ def test_block_gradients_equal_per_token_loop(dispatch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads, ref_grads)
   assert float(jnp.abs(grads[0]['router'][...]).sum()) > 0
+
+
+def swiglu_by_hand(x, mlp):
+  h = jax.nn.silu(x @ mlp.w_gate[...]) * (x @ mlp.w_up[...])
+  return h @ mlp.w_down[...]
+
+
+@pytest.mark.parametrize('gated', [False, True])
+def test_shared_experts_add_to_the_routed_output(gated):
+  config = moe_config(num_shared_experts=2, d_shared_expert=5, shared_expert_gate=gated,
+                      dispatch='capacity')
+  block, x, mask = block_and_input(config, seed=11)
+  assert block.shared.w_up.shape == (8, 10)  # two experts of width 5, side by side
+  y, _ = block(x, mask, 0.0)
+  routed, _ = reference(block, x, mask, config, capacity=x.shape[1])
+  shared = swiglu_by_hand(x, block.shared)
+  if gated:
+    shared = jax.nn.sigmoid(x @ block.shared_gate[...]) * shared
+  np.testing.assert_allclose(y, routed + shared, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_router_with_bias_and_groups_matches_the_loop_reference():
+  config = moe_config(router='sigmoid', num_experts=8, top_k=2, num_groups=4, topk_groups=2,
+                      routed_scaling_factor=2.5, bias_update_rate=0.01, dispatch='capacity')
+  block, x, mask = block_and_input(config, seed=13)
+  block.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
+  y, stats = block(x, mask, 1.0, train=True)
+  scores = jax.nn.sigmoid(jnp.einsum('btd,de->bte', x, block.router[...]))
+  biased = np.asarray(scores + jnp.linspace(-0.2, 0.2, 8))
+  experts = np.zeros(x.shape[:2] + (2,), np.int32)
+  for b, t in np.ndindex(*x.shape[:2]):
+    group_scores = [np.sort(biased[b, t, 2 * g:2 * g + 2]).sum() for g in range(4)]
+    allowed = np.argsort(-np.asarray(group_scores), kind='stable')[:2]
+    candidates = [e for e in range(8) if e // 2 in allowed]
+    experts[b, t] = sorted(candidates, key=lambda e: (-biased[b, t, e], e))[:2]
+  chosen = np.take_along_axis(np.asarray(scores), experts, axis=-1)
+  gates = 2.5 * chosen / chosen.sum(-1, keepdims=True)  # the bias never enters the weights
+  capacity = routing.expert_capacity(x.shape[1], 2, 8, 1.0, 1)
+  y_ref, _ = token_choice_loop_reference(x, mask.astype(jnp.float32), jnp.asarray(experts),
+                                         jnp.asarray(gates), block.w_gate[...], block.w_up[...],
+                                         block.w_down[...], capacity=capacity)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  # In training the block moved its bias by ±rate toward balance, outside any gradient.
+  moved = np.asarray(block.router_bias[...]) - np.linspace(-0.2, 0.2, 8)
+  assert set(np.round(np.abs(moved), 6)) <= {0.0, 0.01} and np.abs(moved).max() > 0
+  np.testing.assert_allclose(stats['router_bias'], np.linspace(-0.2, 0.2, 8), atol=1e-7)
+
+
+def test_expert_choice_block_matches_the_loop_reference():
+  config = moe_config(router='expert_choice', dispatch='capacity')
+  block, x, mask = block_and_input(config, seed=17)
+  y, stats = block(x, mask, 1.0)
+  probs = jax.nn.softmax(jnp.einsum('btd,de->bte', x, block.router[...]), axis=-1)
+  capacity = routing.expert_capacity(x.shape[1], 2, 4, 1.0, 1)
+  tokens = np.full((x.shape[0], 4, capacity), x.shape[1])
+  weights = np.zeros((x.shape[0], 4, capacity), np.float32)
+  for b in range(x.shape[0]):
+    for e in range(4):
+      real = [t for t in range(x.shape[1]) if mask[b, t]]
+      best = sorted(real, key=lambda t: (-float(probs[b, t, e]), t))[:capacity]
+      tokens[b, e, :len(best)] = best
+      weights[b, e, :len(best)] = [float(probs[b, t, e]) for t in best]
+  y_ref = expert_choice_loop_reference(x, tokens, weights, block.w_gate[...], block.w_up[...],
+                                       block.w_down[...])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(stats['expert_fraction'].sum()), 1.0, rtol=1e-6)
