@@ -126,6 +126,18 @@ def test_shared_experts_add_to_the_routed_output(gated):
     shared = jax.nn.sigmoid(x @ block.shared_gate[...]) * shared
   np.testing.assert_allclose(y, routed + shared, rtol=1e-5, atol=1e-6)
 
+  def block_loss(x):
+    return jnp.sum(jnp.sin(block(x, mask, 0.0)[0]))
+
+  def reference_loss(x):
+    shared = swiglu_by_hand(x, block.shared)
+    if gated:
+      shared = jax.nn.sigmoid(x @ block.shared_gate[...]) * shared
+    return jnp.sum(jnp.sin(reference(block, x, mask, config, capacity=x.shape[1])[0] + shared))
+
+  np.testing.assert_allclose(jax.grad(block_loss)(x), jax.grad(reference_loss)(x),
+                             rtol=1e-4, atol=1e-6)
+
 
 def test_sigmoid_router_with_bias_and_groups_matches_the_loop_reference():
   config = moe_config(router='sigmoid', num_experts=8, top_k=2, num_groups=4, topk_groups=2,
