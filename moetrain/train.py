@@ -2,6 +2,12 @@
 
 Bad input (config file, override, workdir, a layout the devices cannot hold) prints one line
 naming the problem and exits with status 2 before any data or device state is touched.
+
+Multi-process runs join with `jax.distributed.initialize` before any device is touched: either
+explicitly (`--coordinator_address HOST:PORT --num_processes N --process_id I`, as
+`launch/local_multiprocess.sh` passes them) or, with `MOETRAIN_DISTRIBUTED=auto` in the
+environment (as `launch/tpu_pod.sh` and `launch/gpu_slurm.sh` set it), from what JAX detects
+on a TPU pod or in a SLURM job. Single-process runs initialise nothing.
 """
 
 import argparse
@@ -21,16 +27,73 @@ class _Parser(argparse.ArgumentParser):
     raise ConfigError(message)
 
 
-def parse_args(argv):
-  """Splits argv into (--config path, --workdir, ['--config.a.b=v', ...])."""
+DISTRIBUTED_ENV = 'MOETRAIN_DISTRIBUTED'
+_DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def _parser():
   parser = _Parser(prog='python -m moetrain.train', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='a configs/*.py file with get_config()')
   parser.add_argument('--workdir', required=True, help='metrics, logs and checkpoints go here')
-  args, rest = parser.parse_known_args(argv)
+  group = parser.add_argument_group('multi-process (all three together, or none)')
+  group.add_argument('--coordinator_address', help='HOST:PORT of process 0\'s coordinator')
+  group.add_argument('--num_processes', type=int, help='how many processes join the run')
+  group.add_argument('--process_id', type=int, help='this process, 0 … num_processes-1')
+  return parser
+
+
+def parse_command_line(argv, environ=None):
+  """(--config path, --workdir, overrides, jax.distributed.initialize kwargs or None)."""
+  args, rest = _parser().parse_known_args(argv)
   for flag in rest:
     if not flag.startswith('--config.'):
       raise ConfigError(f'unknown flag {flag.split("=")[0]} (overrides are --config.<field>=<v>)')
-  return args.config, args.workdir, rest
+  distributed = distributed_options(args, os.environ if environ is None else environ)
+  return args.config, args.workdir, rest, distributed
+
+
+def distributed_options(args, environ) -> dict | None:
+  """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
+
+  Explicit flags win; otherwise `MOETRAIN_DISTRIBUTED=auto` initialises with no arguments
+  (JAX detects TPU pods, SLURM, Open MPI); unset, empty or `0`/`off` means one process.
+  """
+  given = {name: getattr(args, name) for name in _DISTRIBUTED_FLAGS}
+  if any(value is not None for value in given.values()):
+    missing = [f'--{name}' for name, value in given.items() if value is None]
+    if missing:
+      raise ConfigError(f'{" and ".join(missing)} missing: --coordinator_address, '
+                        '--num_processes and --process_id go together')
+    address, num, index = (given[name] for name in _DISTRIBUTED_FLAGS)
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ConfigError(f'--coordinator_address {address}: expected HOST:PORT')
+    if num < 1:
+      raise ConfigError(f'--num_processes {num}: must be at least 1')
+    if not 0 <= index < num:
+      raise ConfigError(f'--process_id {index}: must be between 0 and --num_processes-1 '
+                        f'({num - 1})')
+    return {'coordinator_address': address, 'num_processes': num, 'process_id': index}
+  mode = environ.get(DISTRIBUTED_ENV, '').strip().lower()
+  if mode == 'auto':
+    return {}
+  if mode not in ('', '0', 'off'):
+    raise ConfigError(f'{DISTRIBUTED_ENV}={environ[DISTRIBUTED_ENV]}: expected auto, off or '
+                      'unset')
+  return None
+
+
+def initialize_distributed(options: dict | None) -> None:
+  """Joins the multi-process run (before anything touches devices); nothing for one process."""
+  if options is None:
+    return
+  import jax
+  try:
+    jax.distributed.initialize(**options)
+  except ValueError as error:  # e.g. `auto` outside a cluster JAX can detect
+    how = f'{DISTRIBUTED_ENV}=auto' if not options else '--coordinator_address'
+    raise ConfigError(f'{how}: jax.distributed.initialize failed: '
+                      f'{str(error).splitlines()[0] if str(error) else error!r}') from error
 
 
 def prepare_workdir(path: str) -> pathlib.Path:
@@ -121,8 +184,9 @@ def run(config, workdir_path: str) -> dict:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    config_path, workdir, overrides = parse_args(argv)
+    config_path, workdir, overrides, distributed = parse_command_line(argv)
     config = config_lib.load(config_path, overrides)
+    initialize_distributed(distributed)
     run(config, workdir)
   except ConfigError as error:
     print(f'moetrain: error: {error}', file=sys.stderr)

