@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # std of the normal initialiser of all projections
   m.dtype = 'float32'  # activation/compute dtype (router and loss always float32)
   m.param_dtype = 'float32'  # parameter storage dtype
+  m.scan_layers = False  # run identical blocks as one scanned stack (compile time flat in depth)
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts per MoE layer; 0 gives a dense model
@@ -88,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 100  # steps between evals on the held-out split; 0 disables
   t.eval_batches = 8  # batches per eval
   t.sample_tokens = 0  # tokens sampled from the model after training; 0 disables
+  t.microbatches = 1  # gradient accumulation: the batch runs as this many microbatches
+  t.remat = 'none'  # per-block rematerialisation: none | full | save_dots (keep matmul outputs)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib: the Python standard library's own source files
@@ -105,6 +108,7 @@ ENUMS = {
     'model.moe.drop_policy': ('position', 'priority'),
     'model.moe.dispatch': ('auto', 'capacity', 'einsum', 'dropless'),
     'train.schedule': ('cosine', 'constant'),
+    'train.remat': ('none', 'full', 'save_dots'),
     'data.source': ('stdlib',),
 }
 
@@ -112,7 +116,7 @@ POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
     'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps', 'train.batch_size', 'train.seq_len',
-    'train.log_every', 'train.eval_batches',
+    'train.log_every', 'train.eval_batches', 'train.microbatches',
 )
 
 NON_NEGATIVE = (
@@ -160,6 +164,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}')
   if t.batch_size % e.group_size:
     raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
+                      f'model.moe.group_size={e.group_size}')
+  if t.batch_size % (t.microbatches * e.group_size):
+    raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
+                      f'train.microbatches={t.microbatches} × '
                       f'model.moe.group_size={e.group_size}')
   for axis in ('data', 'fsdp', 'expert', 'tensor'):
     size = config.mesh[axis]

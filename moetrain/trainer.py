@@ -25,9 +25,9 @@ from moetrain.parallel import sharding
 LAYER_METRICS = tuple(name for name in STAT_SHAPES if name not in ('aux_loss', 'z_loss'))
 
 
-def build_model(model_config, seed: int) -> Transformer:
+def build_model(model_config, seed: int, remat: str = 'none') -> Transformer:
   """The model with its parameters; under `init_state`'s jit they are created sharded."""
-  return Transformer(model_config, rngs=nnx.Rngs(params=seed))
+  return Transformer(model_config, rngs=nnx.Rngs(params=seed), remat=remat)
 
 
 def make_optimizer(train_config):
@@ -69,7 +69,8 @@ class Setup:
 
 def make_setup(config, mesh) -> Setup:
   """Derives the state shardings from the parameters' logical axes, without allocating them."""
-  abstract = nnx.eval_shape(lambda: build_model(config.model, config.train.seed))
+  abstract = nnx.eval_shape(lambda: build_model(config.model, config.train.seed,
+                                                 config.train.remat))
   graphdef, abstract_params, abstract_buffers = nnx.split(abstract, nnx.Param, ...)
   param_shardings = sharding.param_shardings(abstract_params, mesh)
   tx, schedule = make_optimizer(config.train)
@@ -88,7 +89,7 @@ def make_setup(config, mesh) -> Setup:
 def init_state(setup: Setup) -> dict:
   """Creates the train state directly in its shardings (never whole on one device)."""
   def init():
-    model = build_model(setup.config.model, setup.config.train.seed)
+    model = build_model(setup.config.model, setup.config.train.seed, setup.config.train.remat)
     _, params, buffers = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
@@ -118,15 +119,82 @@ def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False
 
 
 def gradients(setup: Setup, params, buffers, batch, rng):
-  """Gradients of the training objective, the step's metrics and the updated buffers."""
+  """Gradients of the training objective, the step's metrics and the updated buffers.
+
+  With `train.microbatches = k > 1` the batch runs as k microbatches in a `lax.scan`, the
+  balancing biases threaded through them. The cross-entropy and z-loss are token-weighted, so
+  they and their gradients equal one pass over the whole batch; the aux loss is the mean of the
+  per-microbatch values (MoE spec).
+  """
   model_config = setup.config.model
+  k = setup.config.train.microbatches
 
   def objective(params):
     model = nnx.merge(setup.graphdef, params, buffers)
     loss, metrics = loss_and_metrics(model, batch, model_config,
                                      model_config.moe.capacity_factor, train=True, rng=rng)
     return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-  grads, (metrics, new_buffers) = jax.grad(objective, has_aux=True)(params)
+  if k == 1:
+    grads, (metrics, new_buffers) = jax.grad(objective, has_aux=True)(params)
+    return grads, metrics, new_buffers
+  return _accumulated_gradients(setup, params, buffers, batch, rng, k)
+
+
+def split_microbatches(batch, k: int, group_size: int, mesh=None):
+  """[B, L] → [k, B/k, L] per field, microbatch i holding dispatch groups i, i+k, i+2k, ...
+
+  The batch is sharded over its rows, so every device's contiguous share of groups splits
+  evenly over the k microbatches and each microbatch stays sharded the same way: the reshape
+  moves no data between devices.
+  """
+  def split(x_BxL):
+    b, l = x_BxL.shape
+    x = x_BxL.reshape(b // (k * group_size), k, group_size, l).transpose(1, 0, 2, 3)
+    x = x.reshape(k, b // k, l)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+              None, *sharding.batch_sharding(mesh).spec)))
+    return x
+  return {name: split(x) for name, x in batch.items()}
+
+
+def _accumulated_gradients(setup: Setup, params, buffers, batch, rng, k: int):
+  model_config = setup.config.model
+  moe = model_config.moe
+  targets = jnp.maximum((batch['targets'] != PAD_ID).sum().astype(jnp.float32), 1.0)
+  routed = jnp.maximum((batch['inputs'] != PAD_ID).sum().astype(jnp.float32), 1.0)
+  micro = split_microbatches(batch, k, moe.group_size, setup.mesh)
+
+  def objective(params, buffers, mb, mb_rng):
+    model = nnx.merge(setup.graphdef, params, buffers)
+    _, metrics = loss_and_metrics(model, mb, model_config, moe.capacity_factor, train=True,
+                                  rng=mb_rng)
+    # Shares of the whole batch: CE and z over its tokens, aux as a mean over microbatches.
+    ce = metrics['loss'] * metrics['tokens'] / targets
+    z_layers = metrics['z_loss_per_layer'] * (mb['inputs'] != PAD_ID).sum() / routed
+    aux_layers = metrics['aux_loss_per_layer'] / k
+    total = ce + moe.aux_loss_weight * aux_layers.sum() + moe.z_loss_weight * z_layers.sum()
+    parts = {'loss': ce, 'aux_loss_per_layer': aux_layers, 'z_loss_per_layer': z_layers,
+             'tokens': metrics['tokens'],
+             **{name: metrics[name] / k for name in LAYER_METRICS}}
+    new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+    return total, (parts, new_buffers)
+
+  def body(carry, xs):
+    grads, buffers = carry
+    mb, index = xs
+    mb_rng = jax.random.fold_in(rng, index)
+    mb_grads, (parts, buffers) = jax.grad(objective, has_aux=True)(params, buffers, mb, mb_rng)
+    return (jax.tree.map(jnp.add, grads, mb_grads), buffers), parts
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, new_buffers), parts = jax.lax.scan(body, (zeros, buffers), (micro, jnp.arange(k)))
+  parts = jax.tree.map(lambda x: x.sum(axis=0), parts)
+  aux, z = parts['aux_loss_per_layer'].sum(), parts['z_loss_per_layer'].sum()
+  metrics = {'loss': parts['loss'],
+             'total_loss': parts['loss'] + moe.aux_loss_weight * aux + moe.z_loss_weight * z,
+             'aux_loss': aux, 'z_loss': z, **parts}
   return grads, metrics, new_buffers
 
 

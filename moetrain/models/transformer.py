@@ -42,13 +42,66 @@ class Block(nnx.Module):
     return x_BxLxD + y_BxLxD, stats
 
 
+# `train.remat` → the `jax.checkpoint` policy of each block (None: no rematerialisation).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Unit(nnx.Module):
+  """A run of consecutive blocks: the body of one scan step (dense blocks, then an MoE one)."""
+
+  def __init__(self, blocks):
+    self.blocks = nnx.List(blocks)
+
+
+def stack_modules(modules):
+  """Modules of one structure → one module whose arrays gain a leading 'layers' axis."""
+  graphdef, *_ = nnx.split(modules[0])
+  states = [nnx.state(module) for module in modules]
+
+  def stack(*variables):
+    axes = variables[0].get_metadata().get('out_sharding')
+    return variables[0].replace(jnp.stack([v.get_value() for v in variables]),
+                                out_sharding=('layers', *(axes or (None,) * variables[0].ndim)))
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
+
+
+def layer_plan(config):
+  """(dense stack size, MoE units, unit length, trailing dense blocks) for scanned layers."""
+  moe = config.moe
+  if not moe.num_experts:
+    return config.num_layers, 0, 1, 0
+  dense = moe.first_dense_layers
+  units = (config.num_layers - dense) // moe.layer_interval
+  return dense, units, moe.layer_interval, config.num_layers - dense - units * moe.layer_interval
+
+
 class Transformer(nnx.Module):
   """The LM. `model(tokens_BxL)` gives float32 logits [B, L, vocab], routing dropless."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, rngs: nnx.Rngs, remat: str = 'none'):
+    """`remat` (`train.remat`) picks the `jax.checkpoint` policy applied to every block."""
     self.embed = param(rngs, (config.vocab_size, config.d_model), ('vocab', 'embed'), config)
-    self.blocks = nnx.List([Block(config, is_moe_layer(config, i), rngs=rngs)
-                            for i in range(config.num_layers)])
+    blocks = [Block(config, is_moe_layer(config, i), rngs=rngs) for i in range(config.num_layers)]
+    self.scan_layers = bool(config.get('scan_layers', False))
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r} must be one of {", ".join(REMAT_POLICIES)}')
+    self.remat = remat
+    if self.scan_layers:
+      # Blocks are created in order as in the unscanned model (same parameters), then stacked.
+      dense, units, length, tail = layer_plan(config)
+      self.dense_stack = (stack_modules([Unit(blocks[i:i + 1]) for i in range(dense)])
+                          if dense else None)
+      self.moe_stack = (stack_modules([Unit(blocks[dense + u * length:dense + (u + 1) * length])
+                                       for u in range(units)]) if units else None)
+      self.tail = nnx.List(blocks[len(blocks) - tail:] if tail else [])
+      self.plan = (dense, units, length, tail)
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(config.d_model, config)
     self.unembed = (None if config.tie_embeddings else
                     param(rngs, (config.d_model, config.vocab_size), ('embed', 'vocab'), config))
@@ -72,17 +125,73 @@ class Transformer(nnx.Module):
       mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
     positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
-    layer_stats = []
-    for index, block in enumerate(self.blocks):
-      layer_rng = None if rng is None else jax.random.fold_in(rng, index)
-      x_BxLxD, stats = block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train,
-                             layer_rng)
-      if stats is not None:
-        layer_stats.append(stats)
+    args = (positions_BxL, mask_BxL, capacity_factor, train, rng)
+    if self.scan_layers:
+      x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)
+    else:
+      layer_stats = []
+      for index, block in enumerate(self.blocks):
+        x_BxLxD, stats = self._block(block, index, x_BxLxD, *args)
+        if stats is not None:
+          layer_stats.append(stats)
+      layer_stats = self._stack(layer_stats)
     x_BxLxD = self.final_norm(x_BxLxD)
     unembed = self.embed[...].T if self.unembed is None else self.unembed[...]
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed.astype(self.dtype))
-    return logits_BxLxV.astype(jnp.float32), self._stack(layer_stats)
+    return logits_BxLxV.astype(jnp.float32), layer_stats
+
+  def _block(self, block, index, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
+    """One block; layer `index` draws its jitter from `fold_in(rng, index)`."""
+    layer_rng = None if rng is None else jax.random.fold_in(rng, index)
+    if self.remat == 'none':
+      return block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, layer_rng)
+    graphdef, state = nnx.split(block)
+
+    def apply(state, x_BxLxD, layer_rng):
+      block = nnx.merge(graphdef, state)
+      out = block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, layer_rng)
+      return out, nnx.to_pure_dict(nnx.state(block))
+    out, new_state = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(
+        nnx.to_pure_dict(state), x_BxLxD, layer_rng)
+    nnx.replace_by_pure_dict(state, new_state)
+    nnx.update(block, state)
+    return out
+
+  def _scanned(self, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
+    """Runs the dense stack, the MoE units and the trailing blocks; stats of MoE layers only."""
+    dense, units, length, _ = self.plan
+    args = (positions_BxL, mask_BxL, capacity_factor, train, rng)
+    moe_stats = []
+    for stack, count, start in ((self.dense_stack, dense, 0), (self.moe_stack, units, dense)):
+      if stack is None:
+        continue
+      # Pure dicts of arrays cross the scan: Variables made outside it cannot be mutated inside.
+      graphdef, state = nnx.split(stack)
+      step = len(stack.blocks)
+
+      def body(x_BxLxD, xs, graphdef=graphdef, step=step):
+        state, first = xs
+        unit = nnx.merge(graphdef, state)
+        stats = None
+        for offset, block in enumerate(unit.blocks):
+          x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args)
+          stats = block_stats if block_stats is not None else stats
+        return x_BxLxD, (stats, nnx.to_pure_dict(nnx.state(unit)))
+      firsts = start + step * jnp.arange(count)
+      x_BxLxD, (stats, new_state) = jax.lax.scan(body, x_BxLxD,
+                                                 (nnx.to_pure_dict(state), firsts))
+      nnx.replace_by_pure_dict(state, new_state)
+      nnx.update(stack, state)
+      if stats is not None:
+        moe_stats.append(stats)
+    start = dense + units * length
+    for offset, block in enumerate(self.tail):
+      x_BxLxD, stats = self._block(block, start + offset, x_BxLxD, *args)
+      if stats is not None:  # trailing blocks are dense
+        moe_stats.append(jax.tree.map(lambda x: x[None], stats))
+    if not moe_stats:
+      return x_BxLxD, self._stack([])
+    return x_BxLxD, jax.tree.map(lambda *xs: jnp.concatenate(xs), *moe_stats)
 
   def _stack(self, layer_stats):
     if layer_stats:

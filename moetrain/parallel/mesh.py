@@ -41,6 +41,13 @@ def check_layout(config, shape: tuple[int, ...]) -> None:
         f'train.batch_size={config.train.batch_size} (in dispatch groups of '
         f'model.moe.group_size={config.model.moe.group_size}) must divide evenly over '
         f'mesh data×fsdp×expert={batch_shards} devices')
+  microbatches = config.train.get('microbatches', 1)
+  if groups % (microbatches * batch_shards):
+    raise ConfigError(
+        f'each of train.microbatches={microbatches} microbatches of '
+        f'train.batch_size={config.train.batch_size} (in dispatch groups of '
+        f'model.moe.group_size={config.model.moe.group_size}) must divide evenly over '
+        f'mesh data×fsdp×expert={batch_shards} devices')
   experts = config.model.moe.num_experts
   if experts and experts % sizes['expert']:
     raise ConfigError(f'model.moe.num_experts={experts} must be divisible by '

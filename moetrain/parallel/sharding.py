@@ -20,6 +20,7 @@ RULES = {
     'head_dim': None,
     'expert': 'expert',
     'router': None,
+    'layers': None,
 }
 
 
