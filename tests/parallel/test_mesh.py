@@ -63,3 +63,38 @@ def test_parameters_are_created_sharded_by_the_rules():
   moments = jax.tree.leaves(state['opt_state'])
   assert any(m.shape == experts.shape and m.sharding.spec == experts.sharding.spec
              for m in moments)
+
+
+def device_bytes(tree, device):
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device)
+
+
+def total_bytes(tree):
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_eightfold():
+  config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=8')
+  mesh = make_mesh(config, jax.devices()[:8])
+  setup = trainer.make_setup(config, mesh)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(setup)
+  for part in ('params', 'opt_state'):
+    share = device_bytes(state[part], jax.devices()[0]) / total_bytes(state[part])
+    # Only norm scales (and the step counters) stay replicated: well under 1% of the bytes.
+    assert 1 / 8 <= share < 1 / 8 * 1.02, (part, share)
+
+
+def test_expert_axis_gives_each_device_one_eighth_of_the_experts():
+  config = tiny('--config.mesh.data=1', '--config.mesh.expert=8')
+  mesh = make_mesh(config, jax.devices()[:8])
+  setup = trainer.make_setup(config, mesh)
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(setup)
+  for name in ('w_gate', 'w_up', 'w_down'):
+    weights = state['params']['blocks'][0]['ffn'][name]
+    assert weights.sharding.spec[0] == 'expert'
+    shards = weights.addressable_shards
+    assert len(shards) == 8 and all(s.data.shape[0] == 1 for s in shards)
+    assert sorted(s.index[0].start for s in shards) == list(range(8))
