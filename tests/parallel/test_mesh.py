@@ -48,13 +48,18 @@ def test_rules_map_logical_axes_to_mesh_axes():
   assert sharding.logical_to_spec(None) == P()
 
 
-def test_parameters_are_created_sharded_by_the_rules():
-  config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.expert=2',
-                '--config.mesh.tensor=2')
+def initial_state(config):
+  """The train state of `config`, created sharded over the first 8 devices."""
   mesh = make_mesh(config, jax.devices()[:8])
   setup = trainer.make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+    return trainer.init_state(setup)
+
+
+def test_parameters_are_created_sharded_by_the_rules():
+  config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.expert=2',
+                '--config.mesh.tensor=2')
+  state = initial_state(config)
   experts = state['params']['blocks'][0]['ffn']['w_up']
   assert experts.sharding.spec == P('expert', 'fsdp', 'tensor')
   # Each device holds a quarter of the experts' rows... and columns: 1/8 of the tensor.
@@ -76,10 +81,7 @@ def total_bytes(tree):
 
 def test_fsdp_shards_parameters_and_optimizer_state_eightfold():
   config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=8')
-  mesh = make_mesh(config, jax.devices()[:8])
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+  state = initial_state(config)
   for part in ('params', 'opt_state'):
     share = device_bytes(state[part], jax.devices()[0]) / total_bytes(state[part])
     # Only norm scales (and the step counters) stay replicated: well under 1% of the bytes.
@@ -88,10 +90,7 @@ def test_fsdp_shards_parameters_and_optimizer_state_eightfold():
 
 def test_expert_axis_gives_each_device_one_eighth_of_the_experts():
   config = tiny('--config.mesh.data=1', '--config.mesh.expert=8')
-  mesh = make_mesh(config, jax.devices()[:8])
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+  state = initial_state(config)
   for name in ('w_gate', 'w_up', 'w_down'):
     weights = state['params']['blocks'][0]['ffn'][name]
     assert weights.sharding.spec[0] == 'expert'
