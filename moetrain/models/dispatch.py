@@ -164,32 +164,36 @@ def expert_swiglu(x_GxExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax
 def token_choice_ffn(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, weights_GxTxK: jax.Array,
                      mask_GxT: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
                      w_down_ExFxD: jax.Array, *, capacity: int, backend: str,
-                     priority_GxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     priority_GxT: jax.Array | None = None, expert_fn=expert_swiglu,
+                     num_experts: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Top-k routed SwiGLU experts: -> (y [G, T, D] in x's dtype, kept [G, T, K] bool).
 
   'dropless' ignores `capacity` and `priority_GxT`: it keeps every real-expert assignment.
+  `expert_fn` maps the [G, E, C, D] buffers to the experts' outputs (expert parallelism swaps
+  in one that exchanges them between devices, and passes `num_experts`, as it hands over only
+  its own experts' weights); 'dropless' has no such buffers.
   """
   _check_backend(backend)
   if backend == 'dropless':
     return dropless.dropless_ffn(x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT, w_gate_ExDxF,
                                  w_up_ExDxF, w_down_ExFxD)
-  num_experts = w_gate_ExDxF.shape[0]
+  num_experts = num_experts or w_gate_ExDxF.shape[0]
   slots_GxTxK, kept_GxTxK = assign_slots(experts_GxTxK, mask_GxT, num_experts, capacity,
                                          priority_GxT=priority_GxT)
   x_GxExCxD = dispatch(x_GxTxD, experts_GxTxK, slots_GxTxK, kept_GxTxK, num_experts, capacity,
                        backend)
-  y_GxExCxD = expert_swiglu(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+  y_GxExCxD = expert_fn(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   y_GxTxD = combine(y_GxExCxD, experts_GxTxK, slots_GxTxK, kept_GxTxK, weights_GxTxK, backend)
   return y_GxTxD, kept_GxTxK
 
 
 def expert_choice_ffn(x_GxTxD: jax.Array, tokens_GxExC: jax.Array, weights_GxExC: jax.Array,
                       w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *,
-                      backend: str) -> jax.Array:
+                      backend: str, expert_fn=expert_swiglu) -> jax.Array:
   """SwiGLU experts on the tokens each expert picked (slot table): -> [G, T, D] in x's dtype."""
   _check_backend(backend, CAPACITY_BACKENDS)
   x_GxExCxD = dispatch_slots(x_GxTxD, tokens_GxExC, backend)
-  y_GxExCxD = expert_swiglu(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+  y_GxExCxD = expert_fn(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   return combine_slots(y_GxExCxD, tokens_GxExC, weights_GxExC, x_GxTxD.shape[1], backend)
 
 

@@ -13,6 +13,7 @@ from flax import nnx
 from moetrain.models import dispatch, routing
 from moetrain.models.layers import param
 from moetrain.models.mlp import MLP
+from moetrain.parallel import expert_parallel
 
 # `dispatch=auto` per platform, from `tools/benchmark.py moe-layer` (docs/benchmarks.md):
 # capacity buffers beat the one-hot einsum and ragged_dot on CPU, and on an H100 in the
@@ -79,13 +80,15 @@ class MoE(nnx.Module):
     capacity = routing.expert_capacity(tokens, moe.top_k, moe.num_experts, capacity_factor,
                                        moe.min_capacity)
     backend = resolve_dispatch(moe.dispatch)
-    weights = [self.w_gate[...], self.w_up[...], self.w_down[...]]
-    weights = [w.astype(self.dtype) for w in weights]
+    weights = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
     bias_E = self.router_bias[...] if moe.bias_update_rate else None
     if moe.router == 'expert_choice':
       tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
-      y_GxTxD = dispatch.expert_choice_ffn(x_GxTxD, tokens_GxExC, gates_GxExC, *weights,
-                                           backend=backend)
+
+      def ffn(arrays, weights, expert_fn):
+        return dispatch.expert_choice_ffn(*arrays, *weights, backend=backend,
+                                          expert_fn=expert_fn)
+      y_GxTxD = expert_parallel.run_experts(ffn, (x_GxTxD, tokens_GxExC, gates_GxExC), weights)
       stats = self._expert_choice_stats(tokens_GxExC, gates_GxExC, mask_GxT)
     else:
       experts_GxTxK = routing.select_experts(scores_GxTxR, moe.top_k, bias_E=bias_E,
@@ -97,9 +100,17 @@ class MoE(nnx.Module):
                                          num_null_experts=moe.num_null_experts)
       priority_GxT = (jnp.max(probs_GxTxR, axis=-1) if moe.drop_policy == 'priority'
                       else None)
-      y_GxTxD, kept_GxTxK = dispatch.token_choice_ffn(
-          x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, *weights, capacity=capacity,
-          backend=backend, priority_GxT=priority_GxT)
+      if backend == 'dropless' and expert_parallel.expert_mesh() is not None:
+        # No expert receives more than all T tokens of a group: this capacity drops nothing.
+        backend, capacity = 'capacity', tokens
+
+      def ffn(arrays, weights, expert_fn):
+        x, experts, gates, mask, priority = arrays
+        return dispatch.token_choice_ffn(x, experts, gates, mask, *weights, capacity=capacity,
+                                         backend=backend, priority_GxT=priority,
+                                         expert_fn=expert_fn, num_experts=moe.num_experts)
+      y_GxTxD, kept_GxTxK = expert_parallel.run_experts(
+          ffn, (x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, priority_GxT), weights)
       stats = self._token_choice_stats(probs_GxTxR, experts_GxTxK, kept_GxTxK, mask_GxT, l)
       if train and moe.bias_update_rate:
         load_E = routing.expert_load(experts_GxTxK, mask_GxT, moe.num_experts)

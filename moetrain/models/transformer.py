@@ -8,6 +8,7 @@ from moetrain.models.attention import Attention
 from moetrain.models.layers import RMSNorm, param
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
+from moetrain.parallel import sharding
 
 # Routing statistics every MoE layer reports; stacked over MoE layers as [num_moe_layers, ...].
 STAT_SHAPES = {'aux_loss': (), 'z_loss': (), 'expert_fraction': ('E',), 'max_load': (),
@@ -39,7 +40,7 @@ class Block(nnx.Module):
       y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor, train=train, rng=rng)
     else:
       y_BxLxD, stats = self.ffn(h_BxLxD), None
-    return x_BxLxD + y_BxLxD, stats
+    return sharding.constrain_batch(x_BxLxD + y_BxLxD), stats
 
 
 # `train.remat` → the `jax.checkpoint` policy of each block (None: no rematerialisation).
@@ -125,6 +126,7 @@ class Transformer(nnx.Module):
       mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
     positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
+    x_BxLxD = sharding.constrain_batch(x_BxLxD)
     args = (positions_BxL, mask_BxL, capacity_factor, train, rng)
     if self.scan_layers:
       x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)

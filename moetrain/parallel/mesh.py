@@ -3,6 +3,8 @@
 import math
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from moetrain.config import ConfigError
@@ -60,9 +62,30 @@ def check_layout(config, shape: tuple[int, ...]) -> None:
                         f'mesh.tensor={sizes["tensor"]}')
 
 
+def slice_grid(shape: tuple[int, ...], devices) -> np.ndarray | None:
+  """Devices of a multi-slice TPU pod arranged as `shape`, the data axis across slices.
+
+  Only data parallelism crosses the slow links between slices; every other axis stays inside a
+  slice. None when the devices form a single slice.
+  """
+  num_slices = len({getattr(device, 'slice_index', 0) for device in devices})
+  if num_slices == 1:
+    return None
+  if shape[0] % num_slices:
+    raise ConfigError(f'mesh.data={shape[0]} must be a multiple of the {num_slices} slices '
+                      'the devices span (only the data axis crosses slices)')
+  per_slice = (shape[0] // num_slices,) + tuple(shape[1:])
+  return mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices,) + (1,) * (len(shape) - 1),
+                                              devices)
+
+
 def make_mesh(config, devices=None) -> Mesh:
   """Builds the mesh for `config` over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(config.mesh, len(devices))
   check_layout(config, shape)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(AXES)
+  grid = slice_grid(shape, devices)
+  if grid is None:
+    return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+  return Mesh(grid, AXES, axis_types=axis_types)

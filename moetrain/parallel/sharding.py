@@ -44,5 +44,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
+def constrain_batch(x_BxLxD: jax.Array) -> jax.Array:
+  """Pins an activation's batch axis to the batch axes of the context mesh, if one is set.
+
+  Applied at block edges, so the layout between blocks never depends on how GSPMD
+  propagates through attention and the experts.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x_BxLxD
+  return jax.lax.with_sharding_constraint(x_BxLxD, PartitionSpec(BATCH_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

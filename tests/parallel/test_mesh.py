@@ -1,6 +1,7 @@
 """Mesh shapes from config.mesh, the layout checks, and the logical → mesh sharding rules."""
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -9,7 +10,7 @@ from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.config import ConfigError
 from moetrain.parallel import sharding
-from moetrain.parallel.mesh import make_mesh, mesh_shape
+from moetrain.parallel.mesh import make_mesh, mesh_shape, slice_grid
 
 
 def tiny(*overrides):
@@ -97,3 +98,39 @@ def test_expert_axis_gives_each_device_one_eighth_of_the_experts():
     shards = weights.addressable_shards
     assert len(shards) == 8 and all(s.data.shape[0] == 1 for s in shards)
     assert sorted(s.index[0].start for s in shards) == list(range(8))
+
+
+class FakeTpu:
+  """What the slice layout reads of a device: its slice and how to sort and print it."""
+  platform = device_kind = 'fake'
+
+  def __init__(self, id, slice_index):
+    self.id, self.slice_index = id, slice_index
+
+  def __repr__(self):
+    return f'FakeTpu({self.id}, slice {self.slice_index})'
+
+
+def test_multi_slice_mesh_puts_only_the_data_axis_across_slices():
+  # 2 slices of 8 chips, listed interleaved so that a plain reshape would mix them.
+  devices = [FakeTpu(i, slice_index=i % 2) for i in range(16)]
+  grid = slice_grid((4, 2, 2, 1), devices)
+  assert grid.shape == (4, 2, 2, 1)
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  # data rows 0-1 lie in slice 0 and rows 2-3 in slice 1: fsdp, expert, tensor stay inside one.
+  assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+  assert sorted(d.id for d in grid.flat) == list(range(16))
+  assert slice_grid((8, 1, 1, 1), devices[::2]) is None  # one slice: the plain mesh
+  with pytest.raises(ConfigError, match='mesh.data=1 must be a multiple of the 2 slices'):
+    slice_grid((1, 16, 1, 1), devices)
+
+
+def test_activations_are_pinned_to_the_batch_axes_between_blocks():
+  mesh = make_mesh(tiny('--config.mesh.data=2', '--config.mesh.fsdp=2',
+                        '--config.mesh.expert=2', '--config.train.batch_size=8'),
+                   jax.devices()[:8])
+  x = np.ones((8, 4, 16), np.float32)
+  assert sharding.constrain_batch(x) is x  # no mesh set: nothing to pin
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: sharding.constrain_batch(x * 2))(x)
+  assert y.sharding.spec == P(('data', 'fsdp', 'expert'))
