@@ -101,16 +101,17 @@ class MoE(nnx.Module):
       priority_GxT = (jnp.max(probs_GxTxR, axis=-1) if moe.drop_policy == 'priority'
                       else None)
       if backend == 'dropless' and expert_parallel.expert_mesh() is not None:
-        # No expert receives more than all T tokens of a group: this capacity drops nothing.
-        backend, capacity = 'capacity', tokens
-
-      def ffn(arrays, weights, expert_fn):
-        x, experts, gates, mask, priority = arrays
-        return dispatch.token_choice_ffn(x, experts, gates, mask, *weights, capacity=capacity,
-                                         backend=backend, priority_GxT=priority,
-                                         expert_fn=expert_fn, num_experts=moe.num_experts)
-      y_GxTxD, kept_GxTxK = expert_parallel.run_experts(
-          ffn, (x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, priority_GxT), weights)
+        y_GxTxD, kept_GxTxK = expert_parallel.run_dropless(
+            x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts)
+      else:
+        def ffn(arrays, weights, expert_fn):
+          x, experts, gates, mask, priority = arrays
+          return dispatch.token_choice_ffn(x, experts, gates, mask, *weights,
+                                           capacity=capacity, backend=backend,
+                                           priority_GxT=priority, expert_fn=expert_fn,
+                                           num_experts=moe.num_experts)
+        y_GxTxD, kept_GxTxK = expert_parallel.run_experts(
+            ffn, (x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, priority_GxT), weights)
       stats = self._token_choice_stats(probs_GxTxR, experts_GxTxK, kept_GxTxK, mask_GxT, l)
       if train and moe.bias_update_rate:
         load_E = routing.expert_load(experts_GxTxK, mask_GxT, moe.num_experts)

@@ -8,8 +8,8 @@ experts run on what arrives (their FSDP shards gathered, their hidden dimension 
 'tensor'), and a second `all_to_all` brings the results home to be combined. Routing and the
 load statistics stay outside, on global arrays, so the losses are reduced over the whole mesh.
 
-Dropless routing exchanges buffers of capacity T, the most one expert can receive from a
-group, which drops nothing.
+Dropless routing sends every owner exactly the rows of its experts instead
+(`ragged_exchange`: `ragged_all_to_all` on GPU and TPU, an all_to_all emulation elsewhere).
 """
 
 import jax
@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from moetrain.models import dispatch
 from moetrain.parallel.mesh import BATCH_AXES
+from moetrain.parallel.ragged_exchange import dropless_exchanged_ffn, gather_fsdp
 
 # Expert weights as the rules table lays them out: [E, D, F] and [E, F, D].
 IN_SPEC = P('expert', 'fsdp', 'tensor')
@@ -32,13 +33,6 @@ def expert_mesh():
   return mesh
 
 
-def _gather_fsdp(w, axis: int):
-  """The whole `axis` of an FSDP-sharded weight block (its gradient is reduce-scattered)."""
-  if jax.lax.axis_size('fsdp') == 1:
-    return w
-  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True)
-
-
 def exchanged_swiglu(x_GxExCxD: jax.Array, w_gate_LxDxF: jax.Array, w_up_LxDxF: jax.Array,
                      w_down_LxFxD: jax.Array) -> jax.Array:
   """Inside shard_map: this device's buffers for all E experts → their outputs [G, E, C, D].
@@ -49,9 +43,9 @@ def exchanged_swiglu(x_GxExCxD: jax.Array, w_gate_LxDxF: jax.Array, w_up_LxDxF: 
   dtype = x_GxExCxD.dtype
   # [G, E, C, D] → [|expert|·G, L, C, D]: the slots of my experts from every device's groups.
   x_NxLxCxD = jax.lax.all_to_all(x_GxExCxD, 'expert', 1, 0, tiled=True)
-  w_gate = _gather_fsdp(w_gate_LxDxF, axis=1).astype(dtype)
-  w_up = _gather_fsdp(w_up_LxDxF, axis=1).astype(dtype)
-  w_down = _gather_fsdp(w_down_LxFxD, axis=2).astype(dtype)
+  w_gate = gather_fsdp(w_gate_LxDxF, axis=1).astype(dtype)
+  w_up = gather_fsdp(w_up_LxDxF, axis=1).astype(dtype)
+  w_down = gather_fsdp(w_down_LxFxD, axis=2).astype(dtype)
   gate_NxLxCxF = jnp.einsum('nlcd,ldf->nlcf', x_NxLxCxD, w_gate)
   up_NxLxCxF = jnp.einsum('nlcd,ldf->nlcf', x_NxLxCxD, w_up)
   partial_NxLxCxD = jnp.einsum('nlcf,lfd->nlcd', jax.nn.silu(gate_NxLxCxF) * up_NxLxCxF, w_down)
@@ -70,8 +64,22 @@ def run_experts(ffn, token_arrays: tuple, weights: tuple):
   mesh = expert_mesh()
   if mesh is None:
     return ffn(token_arrays, weights, dispatch.expert_swiglu)
+  return _per_device(lambda arrays, local_weights: ffn(arrays, local_weights, exchanged_swiglu),
+                     mesh, token_arrays, weights)
+
+
+def run_dropless(x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights: tuple, *,
+                 num_experts: int):
+  """Dropless top-k experts on the whole batch under an expert-splitting mesh:
+  -> (y [G, T, D], kept [G, T, K]), as `dispatch.token_choice_ffn(..., backend='dropless')`."""
+  return _per_device(
+      lambda arrays, local_weights: dropless_exchanged_ffn(*arrays, *local_weights,
+                                                           num_experts=num_experts),
+      expert_mesh(), (x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT), weights)
+
+
+def _per_device(fn, mesh, token_arrays, weights):
+  """`fn(token_arrays, weights)` on every device's groups and expert-weight blocks."""
   batch = P(BATCH_AXES)
-  return jax.shard_map(
-      lambda arrays, local_weights: ffn(arrays, local_weights, exchanged_swiglu),
-      mesh=mesh, in_specs=(batch, (IN_SPEC, IN_SPEC, OUT_SPEC)), out_specs=batch,
-  )(token_arrays, weights)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(batch, (IN_SPEC, IN_SPEC, OUT_SPEC)),
+                       out_specs=batch)(token_arrays, weights)
