@@ -26,5 +26,6 @@ def get_config():
   t.warmup_steps = 40
   t.eval_every = 100
   t.eval_batches = 8
+  t.checkpoint_every = 100
   t.sample_tokens = 120
   return config

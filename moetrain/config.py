@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.sample_tokens = 0  # tokens sampled from the model after training; 0 disables
   t.microbatches = 1  # gradient accumulation: the batch runs as this many microbatches
   t.remat = 'none'  # per-block rematerialisation: none | full | save_dots (keep matmul outputs)
+  t.checkpoint_every = 1000  # steps between (asynchronous) checkpoints; 0: only at the end
+  t.keep_checkpoints = 3  # the latest checkpoints kept; older ones are deleted
+  t.permanent_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+  t.max_nonfinite_steps = 10  # consecutive non-finite steps (update skipped) before the run stops
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib: the Python standard library's own source files
@@ -116,7 +120,8 @@ POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
     'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps', 'train.batch_size', 'train.seq_len',
-    'train.log_every', 'train.eval_batches', 'train.microbatches',
+    'train.log_every', 'train.eval_batches', 'train.microbatches', 'train.keep_checkpoints',
+    'train.max_nonfinite_steps',
 )
 
 NON_NEGATIVE = (
@@ -125,7 +130,8 @@ NON_NEGATIVE = (
     'model.moe.num_shared_experts', 'model.moe.d_shared_expert', 'model.moe.bias_update_rate',
     'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
-    'train.sample_tokens', 'train.learning_rate',
+    'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
+    'train.permanent_every',
 )
 
 

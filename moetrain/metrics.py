@@ -32,10 +32,17 @@ class MetricsWriter:
   Only one process of a multi-host run should write (`enabled=False` elsewhere).
   """
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True, resumed_at: int | None = None):
+    """`resumed_at`: the step a run (re)starts from; records after it are dropped, as the run
+    writes them again."""
     self.enabled = enabled
     if enabled:
-      self.jsonl = open(pathlib.Path(workdir) / 'metrics.jsonl', 'a', encoding='utf-8')
+      path = pathlib.Path(workdir) / 'metrics.jsonl'
+      if resumed_at is not None and path.exists():
+        kept = [line for line in path.read_text(encoding='utf-8').splitlines(keepends=True)
+                if line.strip() and json.loads(line)['step'] <= resumed_at]
+        path.write_text(''.join(kept), encoding='utf-8')
+      self.jsonl = open(path, 'a', encoding='utf-8')
       self.tensorboard = tensorboardX.SummaryWriter(str(workdir))
 
   def write(self, step: int, record: dict, split: str = 'train') -> dict:

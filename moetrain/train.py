@@ -117,8 +117,9 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def load_data(config, process_index: int, process_count: int):
-  """The tokenizer, the training batch iterator and the fixed eval batches of this process."""
+def load_data(config, process_index: int, process_count: int, start_row: int = 0):
+  """The tokenizer, the training batch iterator (from global row `start_row` of the shuffled
+  stream) and the fixed eval batches of this process."""
   from moetrain.data import pipeline, tokenizer as tokenizer_lib
   if config.data.tokenizer:
     try:
@@ -134,44 +135,83 @@ def load_data(config, process_index: int, process_count: int):
   train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
   eval_rows = pipeline.pack(pipeline.tokenized_stdlib('eval', tokenizer), t.seq_len)
   train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
-                                      process_count)
+                                      process_count, start_row=start_row)
   eval_batches = pipeline.eval_batches(eval_rows, t.batch_size, t.eval_batches, process_index,
                                        process_count) if t.eval_every else []
   return tokenizer, train_iter, eval_batches
 
 
+def restore_or_init(setup, workdir, lead: bool):
+  """(state, global data rows consumed, checkpoint manager): the newest readable checkpoint
+  in `workdir`, or a fresh state. Raises ConfigError for a checkpoint of another model before
+  anything is written."""
+  from moetrain import checkpoint, trainer
+  t = setup.config.train
+  path = checkpoint.directory(workdir)
+  checkpoints = checkpoint.manager(path, keep=t.keep_checkpoints,
+                                   permanent_every=t.permanent_every) if path.exists() else None
+  restored = None
+  if checkpoints is not None:
+    log = (lambda line: print(line, file=sys.stderr)) if lead else (lambda line: None)
+    restored = checkpoint.restore_latest(checkpoints, trainer.abstract_state(setup),
+                                         setup.config, log=log)
+  if restored is None:
+    return trainer.init_state(setup), 0, checkpoints
+  state, data_rows = restored
+  if lead:
+    print(f'resuming from step {int(state["step"])} of {path}', file=sys.stderr)
+  return state, data_rows, checkpoints
+
+
 def run(config, workdir_path: str) -> dict:
-  """Trains `config` in `workdir_path`; returns the run summary."""
+  """Trains `config` in `workdir_path`, resuming from its newest checkpoint; returns the run
+  summary."""
   import jax
   import tqdm
 
-  from moetrain import generate, metrics, trainer
+  from moetrain import checkpoint, generate, metrics, trainer
   from moetrain.parallel.mesh import make_mesh
 
   mesh = make_mesh(config)
   workdir = prepare_workdir(workdir_path)
   enable_compilation_cache()
   lead = jax.process_index() == 0
-  tokenizer, train_iter, eval_batches = load_data(config, jax.process_index(),
-                                                  jax.process_count())
-  if lead:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   setup = trainer.make_setup(config, mesh)
-  writer = metrics.MetricsWriter(workdir, enabled=lead)
+  t = config.train
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    with tqdm.tqdm(total=config.train.steps, desc='train', unit='step', disable=not lead,
-                   dynamic_ncols=True) as progress:
-      state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
-                                          progress)
-  writer.close()
-  if lead:
+    state, start_rows, checkpoints = restore_or_init(setup, workdir, lead)
+    start_step = int(state['step'])
+    tokenizer, train_iter, eval_batches = load_data(config, jax.process_index(),
+                                                    jax.process_count(), start_rows)
+    if lead:
+      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    if checkpoints is None:
+      checkpoints = checkpoint.manager(checkpoint.directory(workdir), keep=t.keep_checkpoints,
+                                       permanent_every=t.permanent_every)
+    writer = metrics.MetricsWriter(workdir, enabled=lead, resumed_at=start_step)
+    rows_at = lambda step: start_rows + (step - start_step) * t.batch_size
+    save = lambda step, state: checkpoint.save(checkpoints, step, state, rows_at(step), config)
+    watch = checkpoint.PreemptionWatch(checkpoints)
+    try:
+      with tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
+                     disable=not lead, dynamic_ncols=True) as progress:
+        state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
+                                            progress, save=save, stop_requested=watch)
+    finally:
+      watch.close()
+      checkpoints.wait_until_finished()
+      checkpoints.close()
+      writer.close()
+  if lead and summary['stopped_at'] is not None:
+    print(f'{watch.requested}: saved step {summary["stopped_at"]} in '
+          f'{checkpoint.directory(workdir)}; run the same command again to resume')
+  elif lead and summary['loss'] is not None:
     print(f'loss {summary["first_loss"]:.3f} → {summary["loss"]:.3f}'
           + (f', eval loss {summary["eval_loss"]:.3f}' if summary['eval_loss'] else '')
           + (f', {summary["tokens_per_sec"]:,.0f} tokens/s' if summary.get('tokens_per_sec')
              else ''))
     print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard: tensorboard --logdir {workdir}')
-  if config.train.sample_tokens and lead:
+  if config.train.sample_tokens and lead and summary['stopped_at'] is None:
     prompt = tokenizer.encode(SAMPLE_PROMPT)
     new = generate.generate(setup.graphdef, state['params'], state['buffers'], prompt,
                             min(config.train.sample_tokens,
@@ -191,6 +231,12 @@ def main(argv=None) -> int:
   except ConfigError as error:
     print(f'moetrain: error: {error}', file=sys.stderr)
     return 2
+  except RuntimeError as error:
+    from moetrain.trainer import NonFiniteError
+    if not isinstance(error, NonFiniteError):
+      raise
+    print(f'moetrain: error: {error}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -1,8 +1,9 @@
 """Train state, the jitted train and eval steps, and the training loop.
 
-The state is a plain dict `{'step', 'params', 'buffers', 'opt_state'}` of (sharded) arrays:
-`params` are the model's `nnx.Param`s (what the optimizer updates), `buffers` its other
-variables (the routers' balancing biases, updated by the forward pass itself). Both are pure
+The state is a plain dict `{'step', 'params', 'buffers', 'opt_state', 'rng'}` of (sharded)
+arrays: `params` are the model's `nnx.Param`s (what the optimizer updates), `buffers` its other
+variables (the routers' balancing biases, updated by the forward pass itself), `rng` the key
+data every step's randomness is folded from. Both are pure
 dicts merged back into the Flax NNX module inside each jitted step, so nothing Python-side
 runs per step.
 """
@@ -81,7 +82,7 @@ def make_setup(config, mesh) -> Setup:
       transform_non_params=lambda _: replicated)
   state_shardings = {'step': replicated, 'params': param_shardings,
                      'buffers': sharding.param_shardings(abstract_buffers, mesh),
-                     'opt_state': opt_shardings}
+                     'opt_state': opt_shardings, 'rng': replicated}
   return Setup(config, mesh, graphdef, tx, schedule, state_shardings,
                sharding.batch_sharding(mesh))
 
@@ -93,8 +94,17 @@ def init_state(setup: Setup) -> dict:
     _, params, buffers = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'buffers': nnx.to_pure_dict(buffers), 'opt_state': setup.tx.init(params)}
+            'buffers': nnx.to_pure_dict(buffers), 'opt_state': setup.tx.init(params),
+            'rng': jax.random.key_data(jax.random.key(setup.config.train.seed))}
   return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def abstract_state(setup: Setup) -> dict:
+  """The train state as jax.ShapeDtypeStructs carrying its shardings (a restore target)."""
+  shapes = jax.eval_shape(lambda: init_state(setup))
+  return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                               sharding=sharding),
+                      shapes, setup.state_shardings)
 
 
 def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None):
@@ -202,15 +212,19 @@ def make_train_step(setup: Setup):
   """jit(state, batch) → (state, metrics), with explicit in/out shardings; state donated."""
 
   def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.key(setup.config.train.seed), state['step'])
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     grads, metrics, buffers = gradients(setup, state['params'], state['buffers'], batch, rng)
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['learning_rate'] = setup.schedule(state['step'])
-    new_state = {'step': state['step'] + 1,
-                 'params': optax.apply_updates(state['params'], updates),
-                 'buffers': buffers, 'opt_state': opt_state}
-    return new_state, metrics
+    updated = {'params': optax.apply_updates(state['params'], updates), 'buffers': buffers,
+               'opt_state': opt_state}
+    # A non-finite loss or gradient leaves params, buffers and moments as they were.
+    finite = jnp.isfinite(metrics['total_loss']) & jnp.isfinite(metrics['grad_norm'])
+    metrics['skipped'] = (~finite).astype(jnp.int32)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                        {name: state[name] for name in updated})
+    return {**kept, 'step': state['step'] + 1, 'rng': state['rng']}, metrics
 
   batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
   return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
@@ -250,20 +264,35 @@ def evaluate(setup: Setup, eval_step, state, local_batches) -> float:
   return total / max(count, 1.0)
 
 
-def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=None):
-  """Runs `config.train.steps` steps with periodic logging and eval; returns (state, summary).
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
 
-  `progress`, if given, is a tqdm-like bar advanced once per step.
+
+def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=None, *,
+               save=None, stop_requested=None):
+  """Runs steps up to `config.train.steps` with logging, eval and checkpoints.
+
+  `progress`, if given, is a tqdm-like bar advanced once per step. `save(step, state)` starts a
+  checkpoint every `train.checkpoint_every` steps and at the end; when `stop_requested(step)`
+  turns true (preemption), the loop saves and ends early. Steps with a non-finite loss or
+  gradient leave the state unchanged and are counted; `train.max_nonfinite_steps` of them in
+  a row raise NonFiniteError. Returns (state, summary).
   """
   t = setup.config.train
   train_step, eval_step = make_train_step(setup), make_eval_step(setup)
-  summary = {'first_loss': None, 'eval_loss': None, 'first_eval_loss': None}
+  summary = {'first_loss': None, 'loss': None, 'eval_loss': None, 'first_eval_loss': None,
+             'skipped_steps': 0, 'stopped_at': None}
   tokens_per_step = t.batch_size * t.seq_len
   start_step = int(state['step'])
   window_start, window_steps = time.perf_counter(), 0
+  streak, pending_skip = 0, None
   for step in range(start_step + 1, t.steps + 1):
     state, metrics = train_step(state, global_batch(setup, next(train_iter)))
     window_steps += 1
+    # Reading the previous step's flag lets this step run meanwhile.
+    if pending_skip is not None:
+      streak = _count_skip(pending_skip, streak, summary, step - 1, t.max_nonfinite_steps)
+    pending_skip = metrics['skipped']
     if summary['first_loss'] is None:
       summary['first_loss'] = float(metrics['loss'])
       window_start, window_steps = time.perf_counter(), 0  # leave compilation out of tokens/s
@@ -289,4 +318,25 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
       window_start, window_steps = time.perf_counter(), 0
     if progress is not None:
       progress.update(1)
+    stop = stop_requested is not None and stop_requested(step)
+    if save is not None and (stop or step == t.steps
+                             or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+      save(step, state)
+    if stop:
+      summary['stopped_at'] = step
+      break
+  if pending_skip is not None:
+    _count_skip(pending_skip, streak, summary, int(state['step']), t.max_nonfinite_steps)
   return state, summary
+
+
+def _count_skip(skipped, streak: int, summary: dict, step: int, limit: int) -> int:
+  """The consecutive-skip count after `step`; NonFiniteError once it reaches `limit`."""
+  if not int(skipped):
+    return 0
+  summary['skipped_steps'] += 1
+  if streak + 1 >= limit:
+    raise NonFiniteError(f'{streak + 1} consecutive steps up to step {step} had a non-finite '
+                         f'loss or gradient (train.max_nonfinite_steps={limit}); the updates '
+                         'were skipped and the last checkpoint holds the last good state')
+  return streak + 1

@@ -1,12 +1,17 @@
 """moetrain benchmarks.
 
   python tools/benchmark.py moe-layer [--shapes small|full] [--json out.json]
+  python tools/benchmark.py checkpoint [--config configs/tiny.py] [--json out.json]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
 dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
 a shared expert, where the shape has one, is added to both), timed side by side in one process.
 The ratio MoE / dense is the overhead PERFORMANCE.md sets targets for (1.0: no overhead).
 Absolute times move from machine to machine; compare ratios from one run.
+
+checkpoint: train steps of a config timed alone and while an asynchronous Orbax save of the
+whole train state is in flight, plus how long `save` blocks the loop and how long the save
+takes to land.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import json
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 # Run from a checkout without installing the package.
@@ -24,7 +30,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from moetrain import checkpoint, trainer  # noqa: E402
+from moetrain import config as config_lib  # noqa: E402
 from moetrain.models import dispatch, routing  # noqa: E402
+from moetrain.parallel.mesh import make_mesh  # noqa: E402
 from moetrain.models.mlp import swiglu  # noqa: E402
 
 
@@ -150,6 +161,58 @@ def moe_layer(args):
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
 
 
+def _timed(fn):
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def checkpoint_overhead(args):
+  """Step times with and without an asynchronous save in flight."""
+  config = config_lib.load(args.config, args.overrides)
+  setup = trainer.make_setup(config, make_mesh(config))
+  t = config.train
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, config.model.vocab_size, (t.batch_size, t.seq_len + 1))
+  local = {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
+  with jax.set_mesh(setup.mesh), tempfile.TemporaryDirectory() as directory:
+    state, step = trainer.init_state(setup), trainer.make_train_step(setup)
+    batch = trainer.global_batch(setup, local)
+    holder = {'state': state}
+
+    def one_step():
+      holder['state'], metrics = step(holder['state'], batch)
+      return metrics
+    for _ in range(3):  # compile and warm up
+      _timed(one_step)
+    alone = [_timed(one_step) for _ in range(args.repeats)]
+    manager = checkpoint.manager(directory, keep=2)
+    during, blocking, landing = [], [], []
+    for round_index in range(args.saves):
+      start = time.perf_counter()
+      checkpoint.save(manager, round_index + 1, holder['state'], 0, config)
+      blocking.append(time.perf_counter() - start)
+      while manager.is_saving_in_progress():
+        during.append(_timed(one_step))
+      landing.append(time.perf_counter() - start)
+    manager.close()
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(holder['state']))
+  report = {
+      'config': args.config, 'overrides': args.overrides, 'platform': jax.devices()[0].platform,
+      'state_mb': state_bytes / 2**20, 'ms_step_alone': 1e3 * statistics.median(alone),
+      'ms_step_during_save': 1e3 * statistics.median(during) if during else None,
+      'steps_during_saves': len(during), 'ms_save_blocks': 1e3 * statistics.median(blocking),
+      'ms_save_lands': 1e3 * statistics.median(landing)}
+  print(f'{args.config}: train state {report["state_mb"]:.1f} MiB on '
+        f'{report["platform"]}, medians of {args.repeats} steps and {args.saves} saves')
+  for name in ('ms_step_alone', 'ms_step_during_save', 'ms_save_blocks', 'ms_save_lands'):
+    value = report[name]
+    print(f'  {name:<22} {"n/a" if value is None else f"{value:9.1f}"}')
+  print(f'  steps_during_saves     {len(during):9d}')
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
@@ -162,7 +225,18 @@ def main(argv=None):
   layer.add_argument('--repeats', type=int, default=5)
   layer.add_argument('--json', help='also write the results to this JSON file')
   layer.set_defaults(run=moe_layer)
-  args = parser.parse_args(argv)
+  saves = commands.add_parser('checkpoint', help='step time with an async save in flight')
+  saves.add_argument('--config', default='configs/tiny.py')
+  saves.add_argument('--repeats', type=int, default=20)
+  saves.add_argument('--saves', type=int, default=5)
+  saves.add_argument('--json', help='also write the results to this JSON file')
+  saves.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  saves.set_defaults(run=checkpoint_overhead)
+  args, unknown = parser.parse_known_args(argv)
+  if args.command == 'checkpoint':
+    args.overrides = args.overrides + unknown
+  elif unknown:
+    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
   args.run(args)
 
 

@@ -88,7 +88,7 @@ def _local_batch_size(batch_size: int, process_index: int, process_count: int) -
 
 
 def train_batches(rows: np.ndarray, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
+                  process_count: int = 1, start_row: int = 0) -> grain.DatasetIterator:
   """Endless shuffled batches of ``rows`` ``[R, seq_len + 1]`` for this process.
 
   ``batch_size`` is global. All processes share one global row order (a new
@@ -96,8 +96,8 @@ def train_batches(rows: np.ndarray, batch_size: int, seed: int, process_index: i
   ``[s*batch_size, (s+1)*batch_size)`` of it, and this process takes every
   ``process_count``-th position from ``process_index``, so the processes'
   local batches ``[batch_size // process_count, seq_len]`` at one step are a
-  partition of the global batch. The returned iterator's
-  ``get_state()``/``set_state()`` checkpoint its position.
+  partition of the global batch. ``start_row`` skips that many positions of the
+  global order: the position a checkpoint saves, valid for any process count.
   """
   local = _local_batch_size(batch_size, process_index, process_count)
   if len(rows) == 0:
@@ -107,7 +107,7 @@ def train_batches(rows: np.ndarray, batch_size: int, seed: int, process_index: i
       .shuffle(seed=seed)
       # Reseeding makes each epoch a fresh permutation, still a pure function of seed.
       .repeat(reseed_each_epoch=True)
-      .slice(slice(process_index, None, process_count))
+      .slice(slice(start_row + process_index, None, process_count))
       .batch(local, drop_remainder=True)
       .map(_inputs_and_targets))
   # Rows are already in memory, so a batch is a gather and a copy; worker

@@ -1,0 +1,170 @@
+"""Orbax checkpoints of a run: asynchronous saves, retention, restore onto any mesh, bad ones
+skipped.
+
+Each checkpoint is a step directory under `WORKDIR/checkpoints` with three items: `state` (step,
+params, buffers such as router biases, optimizer state, the RNG key), `progress` (the data
+position as a count of global rows consumed, so any number of processes can resume it; JSON)
+and `config` (the run's config; JSON). Orbax finalises a step directory only when all of it is
+written, so an interrupted save is never listed; a finalised one that cannot be read is reported
+by name, set aside as `STEP.unreadable` and the previous one restored.
+"""
+
+import json
+import signal
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from moetrain.config import ConfigError
+
+DIRECTORY = 'checkpoints'
+
+
+def directory(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / DIRECTORY
+
+
+def manager(path, *, keep: int = 3, permanent_every: int = 0,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """An Orbax manager for `path` that keeps the `keep` latest steps and every multiple of
+  `permanent_every` (0: none), saving asynchronously."""
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  if permanent_every:
+    policies.append(checkpoint_managers.EveryNSteps(interval_steps=permanent_every))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=True, create=not read_only, read_only=read_only)
+  handlers = {'state': ocp.StandardCheckpointHandler(),
+              'progress': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(pathlib.Path(path).absolute(), options=options,
+                               item_handlers=handlers)
+
+
+def save(checkpoints: ocp.CheckpointManager, step: int, state, data_rows: int, config) -> None:
+  """Starts an asynchronous save of `state` at `step` (returns once the arrays are copied)."""
+  checkpoints.save(step, force=True, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      progress=ocp.args.JsonSave({'step': step, 'data_rows': data_rows}),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+
+
+def read_config(checkpoints: ocp.CheckpointManager, step: int) -> dict:
+  """The config a checkpoint was written with, as a nested dict."""
+  return checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      'config']
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}.{key}' if prefix else str(key)
+    flat.update(_flat(value, name) if isinstance(value, dict) else {name: value})
+  return flat
+
+
+def changed_fields(saved: dict, current, section: str = 'model') -> list[str]:
+  """`section.field=saved→current` for every field of `section` that differs."""
+  old = _flat(saved.get(section, {}), section)
+  new = _flat(json.loads(current.to_json_best_effort())[section], section)
+  return [f'{name}={old.get(name)!r}→{new.get(name)!r}'
+          for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+
+
+def _key_name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+
+
+def arrays(tree) -> dict:
+  """`{'params/embed': leaf, ...}` of a state or its Orbax metadata (which stores named tuples
+  as dicts, so paths go by names alone)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {'/'.join(map(_key_name, path)): leaf for path, leaf in leaves}
+
+
+def _shapes(tree) -> dict:
+  return {name: tuple(leaf.shape) for name, leaf in arrays(tree).items()}
+
+
+def check_compatible(checkpoints: ocp.CheckpointManager, step: int, abstract_state,
+                     config) -> None:
+  """ConfigError naming the model fields that differ when the checkpoint's arrays do not fit
+  `abstract_state`."""
+  saved = _shapes(checkpoints.item_metadata(step)['state'])
+  wanted = _shapes(abstract_state)
+  if saved == wanted:
+    return
+  fields = changed_fields(read_config(checkpoints, step), config)
+  mismatch = next((f'{name} is {saved.get(name)} there, {wanted.get(name)} here'
+                   for name in sorted(set(saved) | set(wanted))
+                   if saved.get(name) != wanted.get(name)))
+  raise ConfigError(f'checkpoint {checkpoints.directory / str(step)} holds a different model'
+                    f' ({", ".join(fields) if fields else mismatch}); use another --workdir')
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *, log=print):
+  """(state, data_rows) from the newest readable checkpoint, restored with the shardings of
+  `abstract_state` (a tree of jax.ShapeDtypeStruct); None when there is none.
+
+  A checkpoint of another model raises ConfigError; an unreadable one is reported, renamed to
+  `STEP.unreadable` (kept for inspection) and the previous one tried.
+  """
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    path = checkpoints.directory / str(step)
+    try:
+      check_compatible(checkpoints, step, abstract_state, config)
+      restored = checkpoints.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+    except ConfigError:
+      raise
+    except Exception as error:  # noqa: BLE001 - any failure to read means this one is bad
+      reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
+      log(f'moetrain: checkpoint {path} is unreadable ({type(error).__name__}: {reason}); '
+          'trying the previous one')
+      _set_aside(path)
+      checkpoints.reload()
+      continue
+    return restored['state'], int(restored['progress']['data_rows'])
+  return None
+
+
+def _set_aside(path: pathlib.Path) -> None:
+  if jax.process_index() == 0 and path.exists():
+    path.rename(path.with_name(path.name + '.unreadable'))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'set aside {path.name}')
+
+
+class PreemptionWatch:
+  """Turns SIGTERM and SIGINT into a request to save and stop after the current step.
+
+  With several processes, JAX's coordination service receives SIGTERM and every process sees
+  the request at the same step (`reached_preemption`); SIGINT is then handled locally only.
+  """
+
+  def __init__(self, checkpoints: ocp.CheckpointManager | None):
+    self.checkpoints = checkpoints
+    self.requested = None
+    self._previous = {}
+    signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGINT, signal.SIGTERM]
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._request)
+
+  def _request(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def __call__(self, step: int) -> bool:
+    """True once a stop is requested (the same step on every process for SIGTERM)."""
+    if self.requested:
+      return True
+    if jax.process_count() > 1 and self.checkpoints is not None:
+      if self.checkpoints.reached_preemption(step):
+        self.requested = 'SIGTERM'
+    return bool(self.requested)
+
+  def close(self):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
