@@ -56,6 +56,15 @@ def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path, target):
       f'{array.sharding} != {sharding}'), restored, destination.state_shardings)
 
 
+def test_retention_keeps_the_latest_and_the_permanent_steps(tmp_path):
+  config = small_config()
+  manager = checkpoint.manager(tmp_path, keep=2, permanent_every=4)
+  for step in range(1, 10):
+    checkpoint.save(manager, step, {'step': np.int32(step)}, data_rows=step, config=config)
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [4, 8, 9]
+
+
 def nan_router(state):
   """The state with one router weight made NaN: every loss it produces is NaN."""
   params = jax.tree.map(lambda x: x, state['params'])

@@ -1,7 +1,6 @@
 """Sampling: greedy decoding follows the model's argmax; expert choice cannot decode."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -1,6 +1,5 @@
 """Gradient accumulation: k microbatches give the loss and gradients of one batch k times larger."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +10,12 @@ from flax import nnx
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from tests.steps import first_gradients
 from tests.test_trainer import batch_for, small_config
 
 
 def step_gradients(config, devices):
-  mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    batch = trainer.global_batch(setup, batch_for(config))
-    out = jax.jit(functools.partial(trainer.gradients, setup))(
-        state['params'], state['buffers'], batch, jax.random.key(0))
-    return jax.device_get((out, state))
+  return first_gradients(config, devices, batch_for(config))
 
 
 @pytest.mark.parametrize('group_size', [1, 2])

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',

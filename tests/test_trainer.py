@@ -1,6 +1,5 @@
 """The train step: sharded over 8 devices it equals the single-device step; optimizer details."""
 
-import functools
 
 import jax
 import numpy as np
@@ -8,6 +7,7 @@ import numpy as np
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from tests.steps import first_gradients, random_batch
 
 
 def small_config(*overrides):
@@ -20,24 +20,16 @@ def small_config(*overrides):
 
 
 def batch_for(config, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, config.model.vocab_size,
-                        (config.train.batch_size, config.train.seq_len + 1))
-  tokens[-1, -5:] = 0  # padding, masked out of the loss and routing
-  return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
+  return random_batch(config, seed, padding=5)
 
 
 def one_step(config, devices):
   """Gradients, metrics and the updated state of one train step on `devices`."""
-  mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    batch = trainer.global_batch(setup, batch_for(config))
-    grads, _, _ = jax.jit(functools.partial(trainer.gradients, setup))(
-        state['params'], state['buffers'], batch, jax.random.key(0))
-    state, metrics = trainer.make_train_step(setup)(state, batch)
-    return jax.device_get((grads, metrics, state))
+  train = lambda setup, state, batch: jax.device_get(
+      trainer.make_train_step(setup)(state, batch))
+  (grads, _, _), _, (state, metrics) = first_gradients(config, devices, batch_for(config),
+                                                       then=train)
+  return grads, metrics, state
 
 
 def test_data_parallel_step_equals_single_device_step():

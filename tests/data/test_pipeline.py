@@ -111,6 +111,19 @@ def test_iterator_state_restores_position():
   assert [_row_ids(next(fresh)) for _ in range(5)] == expected
 
 
+def test_global_start_row_resumes_on_another_process_count():
+  rows = _rows(29)
+  one_process = pipeline.train_batches(rows, 8, seed=3)
+  for _ in range(3):
+    next(one_process)  # a run on one process checkpoints after 3 batches: 24 rows
+  two_processes = [pipeline.train_batches(rows, 8, seed=3, process_index=p, process_count=2,
+                                          start_row=24) for p in range(2)]
+  for _ in range(5):  # ... and resumes on two, across an epoch boundary
+    whole = next(one_process)
+    for p, it in enumerate(two_processes):
+      np.testing.assert_array_equal(next(it)['inputs'], whole['inputs'][p::2])
+
+
 def test_eval_batches_spread_evenly_in_order_and_sharded():
   rows = _rows(24)
   batches = pipeline.eval_batches(rows, 4, num_batches=3)

@@ -11,6 +11,7 @@ import pytest
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from tests.steps import first_gradients, random_batch
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=48',
          '--config.model.num_layers=2', '--config.model.max_seq_len=16',
@@ -22,23 +23,9 @@ def small_config(*overrides):
   return config_lib.load('configs/tiny.py', SMALL + list(overrides))
 
 
-def random_batch(config):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, config.model.vocab_size,
-                        (config.train.batch_size, config.train.seq_len + 1))
-  return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
-
-
 def first_step(config, devices):
-  """Gradients and metrics of one step of `config` on `devices`."""
-  mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    batch = trainer.global_batch(setup, random_batch(config))
-    grads, metrics, buffers = jax.jit(functools.partial(trainer.gradients, setup))(
-        state['params'], state['buffers'], batch, jax.random.key(0))
-    return jax.device_get((grads, metrics, buffers))
+  """Gradients, metrics and updated buffers of one step of `config` on `devices`."""
+  return first_gradients(config, devices, random_batch(config))[0]
 
 
 ROUTERS = {

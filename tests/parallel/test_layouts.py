@@ -8,7 +8,7 @@ import pytest
 
 from moetrain import config as config_lib
 from moetrain import trainer
-from moetrain.parallel.mesh import make_mesh
+from tests.steps import first_gradients, random_batch
 
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2), (2, 1, 2, 2)]
 
@@ -25,27 +25,17 @@ def layout_config(data, fsdp, expert, tensor):
       f'--config.mesh.expert={expert}', f'--config.mesh.tensor={tensor}'])
 
 
-def batch_for(config):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, config.model.vocab_size,
-                        (config.train.batch_size, config.train.seq_len + 1))
-  return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
-
-
 def run_on(config, devices, steps=20):
   """First-step gradients and metrics, and the losses of `steps` training steps."""
-  mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    batch = trainer.global_batch(setup, batch_for(config))
-    grads, metrics, _ = jax.jit(functools.partial(trainer.gradients, setup))(
-        state['params'], state['buffers'], batch, jax.random.key(0))
+  def train(setup, state, batch):
     train_step, losses = trainer.make_train_step(setup), []
     for _ in range(steps):
       state, step_metrics = train_step(state, batch)
       losses.append(float(step_metrics['total_loss']))
-    return jax.device_get((grads, metrics)) + (np.asarray(losses),)
+    return np.asarray(losses)
+  (grads, metrics, _), _, losses = first_gradients(config, devices, random_batch(config),
+                                                   then=train)
+  return grads, metrics, losses
 
 
 @functools.cache

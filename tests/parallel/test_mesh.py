@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moetrain import config as config_lib
