@@ -141,6 +141,13 @@ def load_data(config, process_index: int, process_count: int, start_row: int = 0
   return tokenizer, train_iter, eval_batches
 
 
+def open_checkpoints(workdir, train_config):
+  """The run's checkpoint manager, with `train_config`'s retention."""
+  from moetrain import checkpoint
+  return checkpoint.manager(checkpoint.directory(workdir), keep=train_config.keep_checkpoints,
+                            permanent_every=train_config.permanent_every)
+
+
 def restore_or_init(setup, workdir, lead: bool):
   """(state, global data rows consumed, checkpoint manager): the newest readable checkpoint
   in `workdir`, or a fresh state. Raises ConfigError for a checkpoint of another model before
@@ -148,8 +155,8 @@ def restore_or_init(setup, workdir, lead: bool):
   from moetrain import checkpoint, trainer
   t = setup.config.train
   path = checkpoint.directory(workdir)
-  checkpoints = checkpoint.manager(path, keep=t.keep_checkpoints,
-                                   permanent_every=t.permanent_every) if path.exists() else None
+  # A fresh workdir gets its checkpoints directory only once training starts writing.
+  checkpoints = open_checkpoints(workdir, t) if path.exists() else None
   restored = None
   if checkpoints is not None:
     log = (lambda line: print(line, file=sys.stderr)) if lead else (lambda line: None)
@@ -186,8 +193,7 @@ def run(config, workdir_path: str) -> dict:
     if lead:
       (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     if checkpoints is None:
-      checkpoints = checkpoint.manager(checkpoint.directory(workdir), keep=t.keep_checkpoints,
-                                       permanent_every=t.permanent_every)
+      checkpoints = open_checkpoints(workdir, t)
     writer = metrics.MetricsWriter(workdir, enabled=lead, resumed_at=start_step)
     rows_at = lambda step: start_rows + (step - start_step) * t.batch_size
     save = lambda step, state: checkpoint.save(checkpoints, step, state, rows_at(step), config)
