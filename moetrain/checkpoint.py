@@ -10,13 +10,17 @@ by name, set aside as `STEP.unreadable` and the previous one restored.
 """
 
 import json
-import signal
 import pathlib
+import shutil
+import signal
+import uuid
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from moetrain import config as config_lib
 from moetrain.config import ConfigError
 
 DIRECTORY = 'checkpoints'
@@ -127,6 +131,78 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *
       continue
     return restored['state'], int(restored['progress']['data_rows'])
   return None
+
+
+def save_model(workdir, params, buffers, config) -> None:
+  """Writes weights alone (no optimizer state) as step 0 of a new `workdir`, atomically: the
+  directory appears only once complete. What conversion and upcycling produce."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and any(workdir.iterdir()):
+    raise ConfigError(f'{workdir} already exists and is not empty; choose a new directory')
+  staging = workdir.with_name(f'.{workdir.name}.{uuid.uuid4().hex[:8]}.partial')
+  try:
+    checkpoints = manager(directory(staging))
+    checkpoints.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'params': params, 'buffers': buffers}),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    (staging / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    if workdir.exists():
+      workdir.rmdir()
+    staging.rename(workdir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _latest(workdir) -> tuple[pathlib.Path, int]:
+  """(checkpoints directory, newest step) of a workdir or of its `checkpoints` directory."""
+  path = pathlib.Path(workdir)
+  path = path if (path / DIRECTORY).is_dir() or not path.name == DIRECTORY else path.parent
+  if not (path / DIRECTORY).is_dir():
+    raise ConfigError(f'{workdir}: no moetrain checkpoint there (expected {path / DIRECTORY})')
+  steps = sorted(int(p.name) for p in (path / DIRECTORY).iterdir() if p.name.isdigit())
+  if not steps:
+    raise ConfigError(f'{workdir}: {path / DIRECTORY} holds no finished checkpoint')
+  return path / DIRECTORY, steps[-1]
+
+
+def model_config(workdir) -> ml_collections.ConfigDict:
+  """The validated config of the newest checkpoint in `workdir` (fields it lacks: defaults)."""
+  path, step = _latest(workdir)
+  with _reader(path) as checkpoints:
+    saved = read_config(checkpoints, step)
+  config = config_lib.default_config()
+  config_lib.update_from_dict(config, saved, str(path / str(step)))
+  config_lib.validate(config)
+  return config
+
+
+def restore_weights(workdir, abstract_params, abstract_buffers):
+  """(params, buffers) of the newest checkpoint in `workdir` (a run's or `save_model`'s),
+  restored with the shardings of the abstract trees (jax.ShapeDtypeStructs)."""
+  path, step = _latest(workdir)
+  target = {'params': abstract_params, 'buffers': abstract_buffers}
+  with _reader(path) as checkpoints:
+    saved = _shapes(checkpoints.item_metadata(step)['state'])
+    wanted = _shapes(target)
+    mismatch = [f'{name} is {saved.get(name)} there, {shape} here'
+                for name, shape in wanted.items() if saved.get(name) != shape]
+    if mismatch:
+      raise ConfigError(f'checkpoint {path / str(step)} holds a different model '
+                        f'({mismatch[0]}{" …" if len(mismatch) > 1 else ""})')
+    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))['state']
+  return restored['params'], restored['buffers']
+
+
+def _reader(path: pathlib.Path) -> ocp.CheckpointManager:
+  """A read-only manager whose `state` item may be restored in part (weights only)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  return ocp.CheckpointManager(path.absolute(), options=options, item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(), 'progress': ocp.JsonCheckpointHandler(),
+      'config': ocp.JsonCheckpointHandler()})
 
 
 def _set_aside(path: pathlib.Path) -> None:

@@ -31,6 +31,25 @@ def default_config() -> ml_collections.ConfigDict:
   m.d_ff = 2048  # hidden width of the dense SwiGLU MLPs
   m.max_seq_len = 2048  # longest sequence the model is trained or sampled at
   m.rope_theta = 10000.0  # rotary position embedding base
+  m.rope_scaling = r = ml_collections.ConfigDict()
+  r.type = 'none'  # none | yarn (DeepSeek-V3) | llama3 (Llama 3.1): longer context than trained
+  r.factor = 1.0  # context extension factor
+  r.original_max_seq_len = 0  # context length of pretraining (yarn, llama3)
+  r.beta_fast = 32.0  # yarn: rotations that mark the fully extrapolated frequencies
+  r.beta_slow = 1.0  # yarn: rotations that mark the fully interpolated frequencies
+  r.mscale = 1.0  # yarn: attention temperature coefficient of cos/sin
+  r.mscale_all_dim = 0.0  # yarn: coefficient of the temperature; MLA also scales softmax by it
+  r.low_freq_factor = 1.0  # llama3: wavelengths beyond original/low_freq_factor are interpolated
+  r.high_freq_factor = 4.0  # llama3: wavelengths below original/high_freq_factor are kept
+  m.attention = 'mha'  # mha (multi/grouped-query heads) | mla (DeepSeek multi-head latent)
+  m.attention_bias = False  # biases on the query, key and value projections (Qwen2)
+  m.qk_norm = 'none'  # RMSNorm of queries and keys before RoPE: none | per_head (Qwen3)
+  #                     | full (OLMoE: over the whole projection)
+  m.q_lora_rank = 0  # mla: rank of the query down-projection; 0 projects queries at full rank
+  m.kv_lora_rank = 512  # mla: width of the compressed key/value latent
+  m.qk_nope_head_dim = 128  # mla: per-head query/key width without rotary embedding
+  m.qk_rope_head_dim = 64  # mla: per-head query/key width with rotary embedding (shared key)
+  m.v_head_dim = 128  # mla: per-head value width
   m.tie_embeddings = True  # share the token embedding with the output layer
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.init_std = 0.02  # std of the normal initialiser of all projections
@@ -96,6 +115,13 @@ def default_config() -> ml_collections.ConfigDict:
   t.permanent_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
   t.max_nonfinite_steps = 10  # consecutive non-finite steps (update skipped) before the run stops
 
+  c.init = i = ml_collections.ConfigDict()
+  i.from_checkpoint = ''  # start from this checkpoint's weights (step 0, fresh optimizer)
+  i.upcycle_from = ''  # dense checkpoint(s) to upcycle, comma-separated: one per expert group
+  i.upcycle = 'copy'  # copy (every expert a copy) | drop (Drop-Upcycling) | granular (split)
+  i.noise = 0.0  # std of noise added to copied expert weights, relative to each matrix's std
+  i.drop_ratio = 0.5  # drop: fraction of each expert's hidden units re-initialised
+
   c.data = ml_collections.ConfigDict()
   c.data.source = 'stdlib'  # stdlib: the Python standard library's own source files
   c.data.tokenizer = ''  # sentencepiece .model file; empty trains (once) and caches one
@@ -107,6 +133,10 @@ def default_config() -> ml_collections.ConfigDict:
 ENUMS = {
     'model.dtype': ('float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
+    'model.attention': ('mha', 'mla'),
+    'model.qk_norm': ('none', 'per_head', 'full'),
+    'model.rope_scaling.type': ('none', 'yarn', 'llama3'),
+    'init.upcycle': ('copy', 'drop', 'granular'),
     'model.moe.router': ('softmax', 'sigmoid', 'expert_choice'),
     'model.moe.aux_loss': ('local', 'global', 'sequence', 'none'),
     'model.moe.drop_policy': ('position', 'priority'),
@@ -131,7 +161,7 @@ NON_NEGATIVE = (
     'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
-    'train.permanent_every',
+    'train.permanent_every', 'model.q_lora_rank', 'init.noise',
 )
 
 
@@ -161,9 +191,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError(f'model.d_model={m.d_model} must be divisible by '
                       f'model.num_heads={m.num_heads} when model.head_dim=0')
-  if (m.head_dim or m.d_model // m.num_heads) % 2:
+  if m.attention == 'mla':
+    _validate_mla(m)
+  elif (m.head_dim or m.d_model // m.num_heads) % 2:
     raise ConfigError('the head dimension (model.head_dim, or model.d_model // '
                       'model.num_heads) must be even for rotary embeddings')
+  _validate_rope_scaling(m.rope_scaling)
+  if config.init.from_checkpoint and config.init.upcycle_from:
+    raise ConfigError('init.from_checkpoint and init.upcycle_from exclude each other')
+  if not 0 <= config.init.drop_ratio <= 1:
+    raise ConfigError(f'init.drop_ratio={config.init.drop_ratio} must be between 0 and 1')
+  if config.init.upcycle_from and not e.num_experts:
+    raise ConfigError('init.upcycle_from needs an MoE model (model.moe.num_experts > 0)')
   if e.num_experts:
     _validate_moe(e, m, t)
   if t.seq_len > m.max_seq_len:
@@ -181,6 +220,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'mesh.{axis}={size} must be >= 1, or -1 to fill the devices')
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
     raise ConfigError('at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1')
+
+
+def _validate_mla(m):
+  """Checks the multi-head latent attention sizes."""
+  for field in ('kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
+    if not m[field] > 0:
+      raise ConfigError(f'model.{field}={m[field]} must be > 0 with model.attention=mla')
+  if m.qk_rope_head_dim % 2:
+    raise ConfigError(f'model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for rotary '
+                      'embeddings')
+  for field, off in (('qk_norm', 'none'), ('attention_bias', False)):
+    if m[field] != off:
+      raise ConfigError(f'model.{field}={m[field]!r} does not apply to model.attention=mla')
+
+
+def _validate_rope_scaling(r):
+  """Checks `model.rope_scaling` when a scaling type is set."""
+  if r.type == 'none':
+    return
+  if not r.factor >= 1:
+    raise ConfigError(f'model.rope_scaling.factor={r.factor} must be >= 1')
+  if not r.original_max_seq_len > 0:
+    raise ConfigError(f'model.rope_scaling.original_max_seq_len={r.original_max_seq_len} must '
+                      f'be > 0 with model.rope_scaling.type={r.type}')
+  if r.type == 'llama3' and not r.high_freq_factor > r.low_freq_factor > 0:
+    raise ConfigError(f'model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed '
+                      f'model.rope_scaling.low_freq_factor={r.low_freq_factor} > 0')
 
 
 def _validate_moe(e, m, t):
@@ -307,6 +373,25 @@ def load(path: str, overrides=()) -> ml_collections.ConfigDict:
     apply_override(config, flag)
   validate(config)
   return config
+
+
+def update_from_dict(config: ml_collections.ConfigDict, values: dict, source: str,
+                     prefix: str = '') -> None:
+  """Sets the fields `values` (e.g. a checkpoint's saved config) names; others keep their
+  defaults. A field the schema lacks or a value of the wrong type raises ConfigError."""
+  for key, value in values.items():
+    field = f'{prefix}{key}'
+    if key not in config:
+      raise ConfigError(f'{source}: unknown config field {field}')
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ConfigError(f'{source}: config field {field} must be a section')
+      update_from_dict(config[key], value, source, f'{field}.')
+    elif not _same_kind(value, config[key]):
+      raise ConfigError(f'{source}: config field {field}={value!r} must be '
+                        f'{type(config[key]).__name__}')
+    else:
+      config[key] = float(value) if isinstance(config[key], float) else value
 
 
 def _check_schema(config, schema, path, prefix=''):

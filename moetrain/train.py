@@ -163,7 +163,14 @@ def restore_or_init(setup, workdir, lead: bool):
     restored = checkpoint.restore_latest(checkpoints, trainer.abstract_state(setup),
                                          setup.config, log=log)
   if restored is None:
-    return trainer.init_state(setup), 0, checkpoints
+    from moetrain import warm_start
+    weights = warm_start.initial_weights(setup)
+    if lead and weights is not None:
+      i = setup.config.init
+      source = (f'weights of {i.from_checkpoint}' if i.from_checkpoint else
+                f'{i.upcycle_from} upcycled ({i.upcycle})')
+      print(f'starting from {source}', file=sys.stderr)
+    return trainer.init_state(setup, weights), 0, checkpoints
   state, data_rows = restored
   if lead:
     print(f'resuming from step {int(state["step"])} of {path}', file=sys.stderr)

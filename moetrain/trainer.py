@@ -87,16 +87,29 @@ def make_setup(config, mesh) -> Setup:
                sharding.batch_sharding(mesh))
 
 
-def init_state(setup: Setup) -> dict:
-  """Creates the train state directly in its shardings (never whole on one device)."""
+def fresh_weights(setup: Setup):
+  """(params, buffers) of a random initialisation, created in the state's shardings."""
   def init():
     model = build_model(setup.config.model, setup.config.train.seed, setup.config.train.remat)
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'buffers': nnx.to_pure_dict(buffers), 'opt_state': setup.tx.init(params),
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+  shardings = (setup.state_shardings['params'], setup.state_shardings['buffers'])
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def init_state(setup: Setup, weights=None) -> dict:
+  """Creates the train state directly in its shardings (never whole on one device).
+
+  `weights` = (params, buffers) in the state's shardings (a warm start) replace the random
+  initialisation; the optimizer, step and RNG start fresh either way.
+  """
+  params, buffers = fresh_weights(setup) if weights is None else weights
+
+  def init(params, buffers):
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'buffers': buffers,
+            'opt_state': setup.tx.init(params),
             'rng': jax.random.key_data(jax.random.key(setup.config.train.seed))}
-  return jax.jit(init, out_shardings=setup.state_shardings)()
+  return jax.jit(init, out_shardings=setup.state_shardings)(params, buffers)
 
 
 def abstract_state(setup: Setup) -> dict:

@@ -1,22 +1,13 @@
-"""Causal self-attention with grouped-query heads and rotary position embeddings."""
+"""Causal self-attention: grouped-query heads, rotary embeddings, optional q/k/v biases and
+query/key RMSNorm (per head as in Qwen3, or over the whole projection as in OLMoE)."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from moetrain.models.layers import param
-
-
-def rotary(x_BxLxNxH, positions_BxL, theta: float):
-  """Rotates channel pairs (i, i + H/2) by position-dependent angles (RoPE, GPT-NeoX layout)."""
-  half = x_BxLxNxH.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLxH2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
-  sin = jnp.sin(angles_BxLxH2)[:, :, None, :]
-  cos = jnp.cos(angles_BxLxH2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxNxH.dtype)
+from moetrain.models import rope
+from moetrain.models.layers import RMSNorm, param, zeros
 
 
 class Attention(nnx.Module):
@@ -29,13 +20,32 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, kv, h), ('embed', 'kv_heads', 'head_dim'), config)
     self.wv = param(rngs, (d, kv, h), ('embed', 'kv_heads', 'head_dim'), config)
     self.wo = param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), config)
-    self.theta = config.rope_theta
+    if config.attention_bias:
+      self.q_bias = zeros((n, h), ('heads', 'head_dim'), config)
+      self.k_bias = zeros((kv, h), ('kv_heads', 'head_dim'), config)
+      self.v_bias = zeros((kv, h), ('kv_heads', 'head_dim'), config)
+    self.qk_norm = config.qk_norm
+    if config.qk_norm != 'none':
+      per_head = config.qk_norm == 'per_head'
+      self.q_norm = RMSNorm(h if per_head else n * h, config)
+      self.k_norm = RMSNorm(h if per_head else kv * h, config)
+    self.rope = (h, config.rope_theta, ml_collections.FrozenConfigDict(config.rope_scaling))
     self.dtype = jnp.dtype(config.dtype)
 
   def __call__(self, x_BxLxD, positions_BxL):
     cast = lambda p: p[...].astype(self.dtype)
-    q = rotary(jnp.einsum('bld,dnh->blnh', x_BxLxD, cast(self.wq)), positions_BxL, self.theta)
-    k = rotary(jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wk)), positions_BxL, self.theta)
+    q = jnp.einsum('bld,dnh->blnh', x_BxLxD, cast(self.wq))
+    k = jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wk))
     v = jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wv))
+    if hasattr(self, 'q_bias'):
+      q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
+    if self.qk_norm == 'per_head':
+      q, k = self.q_norm(q), self.k_norm(k)
+    elif self.qk_norm == 'full':
+      q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    inv_freq, factor = rope.frequencies(*self.rope)
+    q = rope.rotate(q, positions_BxL, inv_freq, factor)
+    k = rope.rotate(k, positions_BxL, inv_freq, factor)
     out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return jnp.einsum('blnh,nhd->bld', out_BxLxNxH, cast(self.wo))

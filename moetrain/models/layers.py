@@ -16,6 +16,12 @@ def param(rngs: nnx.Rngs, shape, logical_axes, config, std=None) -> nnx.Param:
   return nnx.Param(value, out_sharding=logical_axes, eager_sharding=False)
 
 
+def zeros(shape, logical_axes, config) -> nnx.Param:
+  """A zero-initialised parameter (biases) carrying its logical axis names."""
+  return nnx.Param(jnp.zeros(shape, jnp.dtype(config.param_dtype)), out_sharding=logical_axes,
+                   eager_sharding=False)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm, computed in float32, with a learned per-channel scale."""
 

@@ -6,6 +6,7 @@ from flax import nnx
 
 from moetrain.models.attention import Attention
 from moetrain.models.layers import RMSNorm, param
+from moetrain.models.mla import LatentAttention
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
 from moetrain.parallel import sharding
@@ -29,7 +30,8 @@ class Block(nnx.Module):
 
   def __init__(self, config, moe: bool, *, rngs: nnx.Rngs):
     self.attention_norm = RMSNorm(config.d_model, config)
-    self.attention = Attention(config, rngs=rngs)
+    self.attention = (LatentAttention(config, rngs=rngs) if config.attention == 'mla' else
+                      Attention(config, rngs=rngs))
     self.ffn_norm = RMSNorm(config.d_model, config)
     self.ffn = MoE(config, rngs=rngs) if moe else MLP(config, config.d_ff, rngs=rngs)
 

@@ -18,6 +18,8 @@ RULES = {
     'heads': 'tensor',
     'kv_heads': 'tensor',
     'head_dim': None,
+    'q_lora': None,
+    'kv_lora': None,
     'expert': 'expert',
     'router': None,
     'layers': None,

@@ -1,0 +1,234 @@
+"""Hugging Face safetensors ↔ moetrain checkpoints, one tensor at a time.
+
+`tensor_plan` lists, for a moetrain config and a family, every Hugging Face tensor and where it
+lives in moetrain's flat per-layer namespace (`models.layout`): which array, which expert slot,
+and how it is transposed or permuted. Import and export walk the same plan in opposite
+directions, so a round trip returns the same bits.
+"""
+
+import dataclasses
+import pathlib
+import sys
+
+import numpy as np
+
+from moetrain import checkpoint
+from moetrain.convert import families
+from moetrain.convert.safetensors_io import ConversionError, Reader, write_checkpoint
+from moetrain.models import layout
+from moetrain.models.transformer import is_moe_layer
+
+_IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers older checkpoints saved
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One Hugging Face tensor and its place in moetrain.
+
+  `in_dims`: a linear layer's weight ([out, in] there) whose moetrain array has this many
+  leading input axes (transposed); None: the same elements in the same order (reshaped only).
+  `rows`: a permutation of the Hugging Face tensor's rows applied on import.
+  """
+  hf_name: str
+  name: str  # flat moetrain name
+  kind: str = 'params'  # params | buffers
+  expert: int | None = None
+  in_dims: int | None = None
+  rows: tuple | None = None
+  vector: bool = False  # held flat there (biases of [heads, head_dim])
+
+
+def _rope_rows(before: int, rotary: int, after: int, repeats: int = 1) -> tuple:
+  """Row order turning DeepSeek's interleaved rotary pairs into moetrain's half split."""
+  block = list(range(before)) + [before + i for i in range(0, rotary, 2)] + [
+      before + i for i in range(1, rotary, 2)] + list(range(before + rotary, before + rotary
+                                                              + after))
+  width = len(block)
+  return tuple(r * width + i for r in range(repeats) for i in block)
+
+
+def _attention(prefix: str, name: str, m, interleaved: bool) -> list:
+  if m.attention == 'mha':
+    plan = [Tensor(f'{prefix}.q_proj.weight', f'{name}/wq', in_dims=1),
+            Tensor(f'{prefix}.k_proj.weight', f'{name}/wk', in_dims=1),
+            Tensor(f'{prefix}.v_proj.weight', f'{name}/wv', in_dims=1),
+            Tensor(f'{prefix}.o_proj.weight', f'{name}/wo', in_dims=2)]
+    if m.attention_bias:
+      plan += [Tensor(f'{prefix}.{x}_proj.bias', f'{name}/{x}_bias', vector=True)
+               for x in 'qkv']
+    if m.qk_norm != 'none':
+      plan += [Tensor(f'{prefix}.{x}_norm.weight', f'{name}/{x}_norm/scale') for x in 'qk']
+    return plan
+  nope, rot = m.qk_nope_head_dim, m.qk_rope_head_dim
+  q_rows = _rope_rows(nope, rot, 0, m.num_heads) if interleaved else None
+  kv_rows = _rope_rows(m.kv_lora_rank, rot, 0) if interleaved else None
+  if m.q_lora_rank:
+    plan = [Tensor(f'{prefix}.q_a_proj.weight', f'{name}/wq_a', in_dims=1),
+            Tensor(f'{prefix}.q_a_layernorm.weight', f'{name}/q_norm/scale'),
+            Tensor(f'{prefix}.q_b_proj.weight', f'{name}/wq_b', in_dims=1, rows=q_rows)]
+  else:
+    plan = [Tensor(f'{prefix}.q_proj.weight', f'{name}/wq', in_dims=1, rows=q_rows)]
+  return plan + [
+      Tensor(f'{prefix}.kv_a_proj_with_mqa.weight', f'{name}/wkv_a', in_dims=1, rows=kv_rows),
+      Tensor(f'{prefix}.kv_a_layernorm.weight', f'{name}/kv_norm/scale'),
+      Tensor(f'{prefix}.kv_b_proj.weight', f'{name}/wkv_b', in_dims=1),
+      Tensor(f'{prefix}.o_proj.weight', f'{name}/wo', in_dims=2)]
+
+
+def _mlp(prefix: str, name: str, expert=None, names=('gate_proj', 'up_proj', 'down_proj')):
+  return [Tensor(f'{prefix}.{hf}.weight', f'{name}/{ours}', expert=expert, in_dims=1)
+          for hf, ours in zip(names, ('w_gate', 'w_up', 'w_down'))]
+
+
+def tensor_plan(config, family: families.Family, interleaved: bool = False) -> list:
+  """Every tensor of `config`'s model in `family`'s naming, in checkpoint order."""
+  m, e = config.model, config.model.moe
+  plan = [Tensor('model.embed_tokens.weight', 'embed')]
+  for i in range(m.num_layers):
+    hf, ours = f'model.layers.{i}', f'blocks/{i}'
+    plan += [Tensor(f'{hf}.input_layernorm.weight', f'{ours}/attention_norm/scale'),
+             Tensor(f'{hf}.post_attention_layernorm.weight', f'{ours}/ffn_norm/scale')]
+    plan += _attention(f'{hf}.self_attn', f'{ours}/attention', m, interleaved)
+    if not is_moe_layer(m, i):
+      plan += _mlp(f'{hf}.mlp', f'{ours}/ffn')
+      continue
+    moe = f'{hf}.{family.moe_module}'
+    plan.append(Tensor(f'{moe}.gate.weight', f'{ours}/ffn/router', in_dims=1))
+    for j in range(e.num_experts):
+      plan += _mlp(f'{moe}.experts.{j}', f'{ours}/ffn', j, family.expert_names)
+    if e.num_shared_experts:
+      plan += _mlp(f'{moe}.{family.shared_module}', f'{ours}/ffn/shared')
+    if e.shared_expert_gate:
+      plan.append(Tensor(f'{moe}.shared_expert_gate.weight', f'{ours}/ffn/shared_gate',
+                         in_dims=1))
+    if e.bias_update_rate:
+      plan.append(Tensor(f'{moe}.gate.e_score_correction_bias', f'{ours}/ffn/router_bias',
+                         kind='buffers'))
+  plan.append(Tensor('model.norm.weight', 'final_norm/scale'))
+  if not m.tie_embeddings:
+    plan.append(Tensor('lm_head.weight', 'unembed', in_dims=1))
+  return plan
+
+
+def to_moetrain(tensor: Tensor, value: np.ndarray, shape: tuple) -> np.ndarray:
+  """A Hugging Face tensor in moetrain's layout of `shape` (one expert's slot for experts)."""
+  if tensor.rows is not None:
+    value = value[np.asarray(tensor.rows)]
+  if tensor.in_dims is not None:
+    value = value.T
+  return value.reshape(shape)
+
+
+def to_hf(tensor: Tensor, value: np.ndarray) -> np.ndarray:
+  """The inverse of `to_moetrain`."""
+  if tensor.in_dims is not None:
+    value = value.reshape(int(np.prod(value.shape[:tensor.in_dims])), -1).T
+  elif tensor.vector:
+    value = value.reshape(-1)
+  if tensor.rows is not None:
+    value = value[np.argsort(np.asarray(tensor.rows))]
+  return np.ascontiguousarray(value)
+
+
+def _zeros(model_config) -> dict:
+  """Zero arrays in the model's layout, and flat per-layer views into them to fill."""
+  import jax
+  from moetrain.pretrained import abstract_weights
+  _, params, buffers = abstract_weights(model_config)
+  trees = {kind: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+           for kind, tree in (('params', params), ('buffers', buffers))}
+  views = {kind: layout.to_layers(tree, model_config) for kind, tree in trees.items()}
+  return trees, views
+
+
+def _check_tensors(reader: Reader, plan: list, shapes: dict, source: str) -> None:
+  """Every planned tensor is there with a fitting shape; checked before any data is read."""
+  present = set(reader.names())
+  for tensor in plan:
+    if tensor.hf_name not in present:
+      raise ConversionError(f'{source}: tensor {tensor.hf_name} is missing')
+    target = shapes[tensor.kind][tensor.name]
+    target = target.shape[1:] if tensor.expert is not None else target.shape
+    hf_shape = tuple(reader.shape(tensor.hf_name))
+    if int(np.prod(hf_shape)) != int(np.prod(target)) or (
+        tensor.in_dims is not None and hf_shape[::-1][0] != int(np.prod(
+            target[:tensor.in_dims]))):
+      raise ConversionError(f'{source}: tensor {tensor.hf_name} has shape {list(hf_shape)}, '
+                            f'which does not fit moetrain {tensor.name} {list(target)}')
+
+
+def _leftovers(reader: Reader, plan: list, num_layers: int, source: str, log) -> None:
+  """Tensors no plan entry uses: multi-token-prediction layers are skipped with a notice,
+  anything else is refused."""
+  used = {tensor.hf_name for tensor in plan}
+  extra = [name for name in reader.names() if name not in used and not reader.is_auxiliary(name)
+           and not name.endswith(_IGNORED_SUFFIXES)]
+  mtp = [name for name in extra if name.startswith('model.layers.')
+         and int(name.split('.')[2]) >= num_layers]
+  if mtp:
+    layers = sorted({int(name.split('.')[2]) for name in mtp})
+    log(f'moetrain: skipping {len(mtp)} tensors of the multi-token-prediction layer(s) '
+        f'{", ".join(map(str, layers))}: moetrain trains without them')
+  unknown = [name for name in extra if name not in mtp]
+  if unknown:
+    raise ConversionError(f'{source}: tensor {unknown[0]} has no place in the moetrain model '
+                          f'this config.json describes ({len(unknown)} such tensors)')
+
+
+def hf_to_moetrain(folder, out_dir, *, progress=None, log=None) -> object:
+  """Converts the Hugging Face checkpoint in `folder` to a moetrain checkpoint in `out_dir`
+  (weights only, step 0); returns its config. Nothing is written unless all of it converts."""
+  log = log or (lambda line: print(line, file=sys.stderr))
+  out = pathlib.Path(out_dir)
+  if out.exists() and any(out.iterdir()):
+    raise ConversionError(f'{out_dir} already exists and is not empty; choose a new directory')
+  with Reader(folder) as reader:
+    hf_config = reader.config()
+    source = str(folder)
+    family = families.family_of(hf_config, source)
+    config = families.config_from_hf(hf_config, f'{folder}/config.json')
+    interleaved = bool(hf_config.get('rope_interleave', family.model_type == 'deepseek_v3'))
+    plan = tensor_plan(config, family, interleaved)
+    trees, shapes = _zeros(config.model)
+    _check_tensors(reader, plan, shapes, source)
+    _leftovers(reader, plan, config.model.num_layers, source, log)
+    block = (hf_config.get('quantization_config') or {}).get('weight_block_size')
+    for tensor in plan:
+      target = shapes[tensor.kind][tensor.name]
+      if tensor.expert is not None:
+        target = target[tensor.expert]
+      value = (reader.get_dequantized(tensor.hf_name, block) if block else
+               reader.get_dequantized(tensor.hf_name))
+      target[...] = to_moetrain(tensor, value, target.shape)
+      if progress:
+        progress(tensor.hf_name)
+  checkpoint.save_model(out_dir, trees['params'], trees['buffers'], config)
+  return config
+
+
+def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
+                   max_shard_bytes: int = 5 * 2**30, progress=None) -> families.Family:
+  """Writes the newest checkpoint in `checkpoint_dir` as a Hugging Face folder; returns the
+  family used (`family_name`, or the one `families.family_for` picks)."""
+  import jax
+  from moetrain.pretrained import abstract_weights
+  config = checkpoint.model_config(checkpoint_dir)
+  if family_name and family_name not in families.FAMILIES:
+    raise ConversionError(f'--family {family_name}: not one of '
+                          f'{", ".join(sorted(families.FAMILIES))}')
+  family = families.FAMILIES[family_name] if family_name else families.family_for(config)
+  hf_config = families.config_to_hf(config, family)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  _, params, buffers = abstract_weights(config.model, cpu)
+  params, buffers = checkpoint.restore_weights(checkpoint_dir, params, buffers)
+  flat = {'params': layout.to_layers(params, config.model),
+          'buffers': layout.to_layers(buffers, config.model)}
+  plan = tensor_plan(config, family, interleaved=family.model_type == 'deepseek_v3')
+
+  def tensors():
+    for tensor in plan:
+      value = np.asarray(flat[tensor.kind][tensor.name])
+      yield tensor.hf_name, to_hf(tensor, value if tensor.expert is None
+                                  else value[tensor.expert])
+  write_checkpoint(out_folder, tensors(), hf_config, max_shard_bytes, progress)
+  return family

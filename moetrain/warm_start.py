@@ -1,0 +1,80 @@
+"""Starting a run from existing weights instead of a random initialisation.
+
+`init.from_checkpoint` takes the weights of another run or of a converted checkpoint;
+`init.upcycle_from` turns dense checkpoints into this MoE model (`upcycle.py`). Weights are
+restored in their shardings and transformed inside one jitted function, so no host ever holds
+the whole model; the optimizer and step start fresh.
+"""
+
+import jax
+from flax import nnx
+
+from moetrain import checkpoint, upcycle
+from moetrain.config import ConfigError
+from moetrain.models import layout
+from moetrain.parallel import sharding
+from moetrain.trainer import build_model, fresh_weights
+
+
+def _abstract_sharded(model_config, mesh):
+  """(params, buffers) of `model_config` as jax.ShapeDtypeStructs sharded over `mesh`."""
+  model = nnx.eval_shape(lambda: build_model(model_config, 0))
+  _, params, buffers = nnx.split(model, nnx.Param, ...)
+
+  def structs(state):
+    shardings = sharding.param_shardings(state, mesh)
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                        nnx.to_pure_dict(state), shardings)
+  return structs(params), structs(buffers)
+
+
+def _restore(field: str, directory: str, model_config, mesh):
+  try:
+    return checkpoint.restore_weights(directory, *_abstract_sharded(model_config, mesh))
+  except ConfigError as error:
+    raise ConfigError(f'{field}={directory}: {error}') from error
+
+
+def initial_weights(setup):
+  """(params, buffers) the config's `init` section asks for, in the state's shardings; None
+  for a random initialisation. Errors name the `init` field."""
+  config, mesh = setup.config, setup.mesh
+  if config.init.from_checkpoint:
+    params, buffers = _restore('init.from_checkpoint', config.init.from_checkpoint,
+                               config.model, mesh)
+    place = lambda tree, where: jax.tree.map(jax.device_put, tree, where)
+    return (place(params, setup.state_shardings['params']),
+            place(buffers, setup.state_shardings['buffers']))
+  if config.init.upcycle_from:
+    return upcycled_weights(setup)
+  return None
+
+
+def upcycled_weights(setup):
+  """This MoE model's (params, buffers) upcycled from the dense checkpoints `init.upcycle_from`
+  names (comma-separated, one per expert group)."""
+  config, mesh = setup.config, setup.mesh
+  dense = []
+  for directory in [d.strip() for d in config.init.upcycle_from.split(',') if d.strip()]:
+    try:
+      dense_config = checkpoint.model_config(directory).model
+    except ConfigError as error:
+      raise ConfigError(f'init.upcycle_from={directory}: {error}') from error
+    if dense_config.moe.num_experts:
+      raise ConfigError(f'init.upcycle_from={directory}: holds an MoE model; upcycling starts '
+                        'from dense ones (model.moe.num_experts=0)')
+    dense.append((dense_config, _restore('init.upcycle_from', directory, dense_config, mesh)[0]))
+  fresh_params, buffers = fresh_weights(setup)
+
+  def build(dense_params, fresh_params):
+    flat = [layout.to_layers(params, c) for (c, _), params in zip(dense, dense_params)]
+    target = layout.to_layers(fresh_params, config.model)
+    out = upcycle.upcycle(flat, target, config.model, config.init,
+                          jax.random.key(config.train.seed))
+    return layout.from_layers(out, config.model)
+  try:
+    params = jax.jit(build, out_shardings=setup.state_shardings['params'])(
+        [params for _, params in dense], fresh_params)
+  except ValueError as error:
+    raise ConfigError(f'init.upcycle_from: {error}') from error
+  return params, buffers
