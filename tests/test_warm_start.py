@@ -1,0 +1,79 @@
+"""Runs that start from existing weights: another checkpoint's, or dense ones upcycled."""
+
+import json
+
+import numpy as np
+import pytest
+
+import moetrain
+from moetrain import config as config_lib
+from moetrain import train
+
+SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=64',
+         '--config.train.eval_every=0', '--config.train.sample_tokens=0',
+         '--config.train.log_every=1', '--config.train.warmup_steps=5']
+
+
+def run(config_file, workdir, steps, *overrides):
+  """Trains `steps` steps and returns the loss logged at each step."""
+  config = config_lib.load(config_file, [*SMALL, f'--config.train.steps={steps}',
+                                         f'--config.train.checkpoint_every={steps}',
+                                         *overrides])
+  train.run(config, str(workdir))
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [r['loss'] for r in records if 'loss' in r and r.get('split') != 'eval']
+
+
+@pytest.fixture(scope='module')
+def dense_run(tmp_path_factory):
+  """The tiny dense config trained for 40 steps: (workdir, its losses)."""
+  workdir = tmp_path_factory.mktemp('dense')
+  return workdir, run('configs/tiny_dense.py', workdir, 40)
+
+
+def test_upcycled_tiny_model_starts_at_the_dense_models_loss(dense_run, tmp_path):
+  dense_dir, dense_losses = dense_run
+  # The trained dense model's loss on the first batch (a warm start reads the same batches).
+  dense_first = run('configs/tiny_dense.py', tmp_path / 'dense_again', 1,
+                    f'--config.init.from_checkpoint={dense_dir}')[0]
+  upcycled_first = run('configs/tiny.py', tmp_path / 'moe', 1,
+                       f'--config.init.upcycle_from={dense_dir}')[0]
+  random_first = run('configs/tiny.py', tmp_path / 'scratch', 1)[0]
+  assert dense_losses[-1] < dense_losses[0] - 1.5  # the dense model did learn
+  assert random_first > dense_first + 1.5
+  # Training routes with capacity 1.25: the few tokens dropped at step 0 cost a little.
+  assert abs(upcycled_first - dense_first) < 0.05, (upcycled_first, dense_first, random_first)
+
+
+def test_upcycled_model_loads_with_the_dense_logits_before_training(dense_run, tmp_path):
+  dense_dir, _ = dense_run
+  run('configs/tiny.py', tmp_path / 'moe', 1, f'--config.init.upcycle_from={dense_dir}',
+      '--config.train.learning_rate=0.0')
+  dense, _ = moetrain.load(dense_dir)
+  moe, config = moetrain.load(tmp_path / 'moe')
+  assert config.model.moe.num_experts == 8
+  tokens = np.random.default_rng(0).integers(0, 8000, (2, 32))
+  # A zero learning rate leaves the weights as upcycled; `load` routes dropless.
+  np.testing.assert_allclose(np.asarray(moe(tokens)), np.asarray(dense(tokens)), atol=1e-5)
+
+
+def test_warm_start_from_another_model_names_the_field(dense_run, tmp_path, capsys):
+  dense_dir, _ = dense_run
+  code = train.main(['--config', 'configs/tiny_dense.py', '--workdir', str(tmp_path / 'w'),
+                     *SMALL, '--config.model.d_model=64',
+                     f'--config.init.from_checkpoint={dense_dir}'])
+  error = capsys.readouterr().err.strip()
+  assert code == 2
+  assert error.startswith('moetrain: error: init.from_checkpoint=')
+  assert 'holds a different model (model.d_model=128→64)' in error
+  assert len(error.splitlines()) == 1
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
+  run('configs/tiny.py', tmp_path / 'moe', 1)
+  capsys.readouterr()
+  code = train.main(['--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'w'), *SMALL,
+                     f'--config.init.upcycle_from={tmp_path / "moe"}'])
+  error = capsys.readouterr().err.strip()
+  assert code == 2 and 'holds an MoE model' in error and len(error.splitlines()) == 1
