@@ -5,15 +5,12 @@
       --config.init.upcycle_from=runs/dense
 """
 
-import importlib.util
 import pathlib
+
+from moetrain.config import load_config_file
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      'tiny', pathlib.Path(__file__).with_name('tiny.py'))
-  tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tiny)
-  config = tiny.get_config()
+  config = load_config_file(str(pathlib.Path(__file__).with_name('tiny.py')))
   config.model.moe.num_experts = 0
   return config
