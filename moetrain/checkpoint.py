@@ -133,13 +133,37 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *
   return None
 
 
+def check_new_directory(path) -> pathlib.Path:
+  """`path` as a Path; ConfigError naming it unless it is absent or an empty directory."""
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise ConfigError(f'{path} already exists and is not an empty directory; choose a new one')
+  return path
+
+
+def staging_for(path) -> pathlib.Path:
+  """A new hidden sibling directory to build `path` in (`move_into_place` finishes it), so
+  that `path` appears only once complete. ConfigError naming `path` if it cannot be made."""
+  path = check_new_directory(path)
+  staging = path.with_name(f'.{path.name}.{uuid.uuid4().hex[:8]}.partial')
+  try:
+    staging.mkdir(parents=True)
+  except OSError as error:
+    raise ConfigError(f'{path}: cannot be created ({error.strerror or error})') from None
+  return staging
+
+
+def move_into_place(staging: pathlib.Path, path) -> None:
+  path = pathlib.Path(path)
+  if path.exists():
+    path.rmdir()
+  staging.rename(path)
+
+
 def save_model(workdir, params, buffers, config) -> None:
   """Writes weights alone (no optimizer state) as step 0 of a new `workdir`, atomically: the
   directory appears only once complete. What conversion and upcycling produce."""
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and any(workdir.iterdir()):
-    raise ConfigError(f'{workdir} already exists and is not empty; choose a new directory')
-  staging = workdir.with_name(f'.{workdir.name}.{uuid.uuid4().hex[:8]}.partial')
+  staging = staging_for(workdir)
   try:
     checkpoints = manager(directory(staging))
     checkpoints.save(0, args=ocp.args.Composite(
@@ -148,9 +172,7 @@ def save_model(workdir, params, buffers, config) -> None:
     checkpoints.wait_until_finished()
     checkpoints.close()
     (staging / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    if workdir.exists():
-      workdir.rmdir()
-    staging.rename(workdir)
+    move_into_place(staging, workdir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 

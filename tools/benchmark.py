@@ -2,6 +2,7 @@
 
   python tools/benchmark.py moe-layer [--shapes small|full] [--json out.json]
   python tools/benchmark.py checkpoint [--config configs/tiny.py] [--json out.json]
+  python tools/benchmark.py convert [--config configs/tiny_mixtral.py] [--config.a.b=v …]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
 dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -12,14 +13,21 @@ Absolute times move from machine to machine; compare ratios from one run.
 checkpoint: train steps of a config timed alone and while an asynchronous Orbax save of the
 whole train state is in flight, plus how long `save` blocks the loop and how long the save
 takes to land.
+
+convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
+to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
+size, each direction's time and peak resident memory above that of a process that only imports
+the same libraries (streaming keeps it near one copy of the model).
 """
 
 import argparse
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,6 +221,63 @@ def checkpoint_overhead(args):
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
 
 
+def _peak_rss_mb(command) -> tuple[float, float]:
+  """(seconds, peak resident MiB) of a child process running `command`."""
+  start = time.perf_counter()
+  with tempfile.TemporaryFile('w+') as log:
+    child = subprocess.Popen(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+                             stdout=subprocess.DEVNULL, stderr=log)
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+      log.seek(0)
+      raise SystemExit(f'{" ".join(map(str, command))} failed:\n{log.read()}')
+  return time.perf_counter() - start, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def conversion_memory(args):
+  """Time and peak host memory of both conversions on a synthetic checkpoint."""
+  from moetrain.convert import families, hf
+  from moetrain.convert.safetensors_io import write_checkpoint
+  from moetrain.models import layout
+  from moetrain.pretrained import abstract_weights
+  config = config_lib.load(args.config, args.overrides)
+  family = families.family_for(config)
+  unscanned = config.model.copy_and_resolve_references()
+  unscanned.scan_layers = False
+  _, params, buffers = abstract_weights(unscanned)
+  shapes = {'params': layout.flatten(params), 'buffers': layout.flatten(buffers)}
+  rng = np.random.default_rng(0)
+
+  def tensors():
+    for tensor in hf.tensor_plan(config, family, family.model_type == 'deepseek_v3'):
+      struct = shapes[tensor.kind][tensor.name]
+      shape = struct.shape[1:] if tensor.expert is not None else struct.shape
+      value = (0.02 * rng.standard_normal(shape, np.float32)).astype(struct.dtype)
+      yield tensor.hf_name, hf.to_hf(tensor, value)
+  tool = pathlib.Path(__file__).with_name('convert_checkpoint.py')
+  with tempfile.TemporaryDirectory() as directory:
+    root = pathlib.Path(directory)
+    write_checkpoint(root / 'hf', tensors(), families.config_to_hf(config, family),
+                     max_shard_bytes=args.shard_mb * 2**20)
+    size_mb = sum(f.stat().st_size for f in (root / 'hf').glob('*.safetensors')) / 2**20
+    _, base_mb = _peak_rss_mb([sys.executable, '-c', 'import jax, jax.numpy, orbax.checkpoint, '
+                               'moetrain.convert.hf, moetrain.pretrained; jax.numpy.zeros(1)'])
+    runs = {'hf-to-moetrain': [root / 'hf', root / 'moetrain'],
+            'moetrain-to-hf': [root / 'moetrain', root / 'back',
+                               f'--max-shard-gb={args.shard_mb / 1024}']}
+    print(f'{args.config} as {family.model_type}: {size_mb:.0f} MiB of safetensors; a process '
+          f'importing the libraries peaks at {base_mb:.0f} MiB')
+    report = {'config': args.config, 'overrides': args.overrides, 'checkpoint_mb': size_mb,
+              'baseline_mb': base_mb}
+    for name, command_args in runs.items():
+      seconds, peak_mb = _peak_rss_mb([sys.executable, str(tool), name, *command_args])
+      report[name] = {'seconds': seconds, 'peak_mb': peak_mb}
+      print(f'  {name:<15} {seconds:6.1f} s, peak {peak_mb:7.0f} MiB: '
+            f'{(peak_mb - base_mb) / size_mb:4.2f}× the checkpoint above the baseline')
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
@@ -232,8 +297,14 @@ def main(argv=None):
   saves.add_argument('--json', help='also write the results to this JSON file')
   saves.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
   saves.set_defaults(run=checkpoint_overhead)
+  convert = commands.add_parser('convert', help='time and peak memory of checkpoint conversion')
+  convert.add_argument('--config', default='configs/tiny_mixtral.py')
+  convert.add_argument('--shard-mb', type=int, default=256, help='safetensors shard size')
+  convert.add_argument('--json', help='also write the results to this JSON file')
+  convert.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  convert.set_defaults(run=conversion_memory)
   args, unknown = parser.parse_known_args(argv)
-  if args.command == 'checkpoint':
+  if args.command in ('checkpoint', 'convert'):
     args.overrides = args.overrides + unknown
   elif unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')

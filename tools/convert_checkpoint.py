@@ -57,28 +57,40 @@ def _parser():
   return parser
 
 
-def _bar(total, desc):
-  import tqdm
-  return tqdm.tqdm(total=total, desc=desc, unit='tensor', dynamic_ncols=True)
+class _Bar:
+  """A progress bar that appears with the first finished step, so that a refusal found
+  before any work prints nothing but its one line."""
+
+  def __init__(self, desc: str, unit: str = 'tensor'):
+    self.desc, self.unit, self.bar = desc, unit, None
+
+  def __call__(self, _=None):
+    if self.bar is None:
+      import tqdm
+      self.bar = tqdm.tqdm(desc=self.desc, unit=self.unit, dynamic_ncols=True)
+    self.bar.update()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    if self.bar is not None:
+      self.bar.close()
 
 
 def hf_to_moetrain(args):
   from moetrain.convert import hf
-  from moetrain.convert.safetensors_io import Reader
-  with Reader(args.hf_dir) as reader:
-    total = sum(not reader.is_auxiliary(name) for name in reader.names())
-  with _bar(total, 'convert') as bar:
-    config = hf.hf_to_moetrain(args.hf_dir, args.out_dir, progress=lambda _: bar.update())
+  with _Bar('convert') as bar:
+    config = hf.hf_to_moetrain(args.hf_dir, args.out_dir, progress=bar)
   print(f'wrote {args.out_dir}: {config.model.num_layers} layers, '
         f'{config.model.moe.num_experts or "no"} experts')
 
 
 def moetrain_to_hf(args):
   from moetrain.convert import hf
-  with _bar(None, 'convert') as bar:
+  with _Bar('convert') as bar:
     family = hf.moetrain_to_hf(args.checkpoint_dir, args.out_dir, family_name=args.family,
-                               max_shard_bytes=int(args.max_shard_gb * 2**30),
-                               progress=lambda _: bar.update())
+                               max_shard_bytes=int(args.max_shard_gb * 2**30), progress=bar)
   print(f'wrote {args.out_dir} as {family.architecture}')
 
 
@@ -88,16 +100,14 @@ def upcycle(args, overrides):
   from moetrain.parallel.mesh import make_mesh
   config = config_lib.load(args.config, [*overrides,
                                          f'--config.init.upcycle_from={args.sources}'])
-  out = pathlib.Path(args.out_dir)
-  if out.exists() and any(out.iterdir()):
-    raise ConfigError(f'{out} already exists and is not empty; choose a new directory')
+  out = checkpoint.check_new_directory(args.out_dir)
   mesh = make_mesh(config)
   setup = trainer.make_setup(config, mesh)
-  with jax.set_mesh(mesh), _bar(2, 'upcycle') as bar:
+  with jax.set_mesh(mesh), _Bar('upcycle', unit='stage') as bar:
     params, buffers = warm_start.upcycled_weights(setup)
-    bar.update()
+    bar()
     checkpoint.save_model(out, params, buffers, config)
-    bar.update()
+    bar()
   print(f'wrote {out}: {config.init.upcycle} upcycling of {args.sources} into '
         f'{config.model.moe.num_experts} experts')
 

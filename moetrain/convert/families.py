@@ -182,6 +182,9 @@ def config_to_hf(config, family: Family) -> dict:
   """The Hugging Face `config.json` of `config` in `family`; ConversionError naming the
   first moetrain field the family cannot express."""
   m, e = config.model, config.model.moe
+  if (family.model_type in DENSE) != (not e.num_experts):
+    raise ConversionError(f'model.moe.num_experts={e.num_experts} cannot be expressed as a '
+                          f'Hugging Face {family.model_type} model')
   hf = {'architectures': [family.architecture], 'model_type': family.model_type,
         'vocab_size': m.vocab_size, 'hidden_size': m.d_model,
         'intermediate_size': m.d_ff, 'num_hidden_layers': m.num_layers,

@@ -7,7 +7,6 @@ directions, so a round trip returns the same bits.
 """
 
 import dataclasses
-import pathlib
 import sys
 
 import numpy as np
@@ -179,9 +178,7 @@ def hf_to_moetrain(folder, out_dir, *, progress=None, log=None) -> object:
   """Converts the Hugging Face checkpoint in `folder` to a moetrain checkpoint in `out_dir`
   (weights only, step 0); returns its config. Nothing is written unless all of it converts."""
   log = log or (lambda line: print(line, file=sys.stderr))
-  out = pathlib.Path(out_dir)
-  if out.exists() and any(out.iterdir()):
-    raise ConversionError(f'{out_dir} already exists and is not empty; choose a new directory')
+  checkpoint.check_new_directory(out_dir)
   with Reader(folder) as reader:
     hf_config = reader.config()
     source = str(folder)
@@ -212,6 +209,7 @@ def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
   family used (`family_name`, or the one `families.family_for` picks)."""
   import jax
   from moetrain.pretrained import abstract_weights
+  checkpoint.check_new_directory(out_folder)
   config = checkpoint.model_config(checkpoint_dir)
   if family_name and family_name not in families.FAMILIES:
     raise ConversionError(f'--family {family_name}: not one of '

@@ -11,13 +11,13 @@ import json
 import pathlib
 import shutil
 import struct
-import uuid
 
 import ml_dtypes  # registers bfloat16 with numpy; safetensors' numpy reader looks it up there
 import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
+from moetrain import checkpoint
 from moetrain.config import ConfigError
 
 BLOCK_SIZE = 128  # DeepSeek-V3's FP8 weights: one scale per 128×128 block (weight_block_size)
@@ -238,11 +238,7 @@ def write_checkpoint(folder, tensors, config_dict: dict, max_shard_bytes: int = 
   tensor is written. The folder appears only when complete; a non-empty one is refused.
   """
   folder = pathlib.Path(folder)
-  if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-    raise ConversionError(f'{folder} already exists and is not empty; choose a new folder')
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  staging = folder.with_name(f'.{folder.name}.{uuid.uuid4().hex[:8]}.partial')
-  staging.mkdir()
+  staging = checkpoint.staging_for(folder)
   try:
     paths, numbers, total = _write_shards(staging, tensors, max_shard_bytes, progress)
     if not paths:
@@ -256,9 +252,7 @@ def write_checkpoint(folder, tensors, config_dict: dict, max_shard_bytes: int = 
                'weight_map': {name: names[number] for name, number in sorted(numbers.items())}}
       (staging / INDEX).write_text(json.dumps(index, indent=2) + '\n')
     (staging / CONFIG).write_text(json.dumps(config_dict, indent=2) + '\n')
-    if folder.exists():
-      folder.rmdir()
-    staging.rename(folder)
+    checkpoint.move_into_place(staging, folder)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

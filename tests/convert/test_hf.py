@@ -17,6 +17,7 @@ FAMILIES = {
     'llama3_rope': ('LlamaConfig', dict(rope_scaling=dict(
         rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16), tie_word_embeddings=True)),
+    'mistral': ('MistralConfig', dict(sliding_window=None)),
     'mixtral': ('MixtralConfig', dict(num_local_experts=4, num_experts_per_tok=2)),
     'qwen2_moe': ('Qwen2MoeConfig', dict(num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=24,

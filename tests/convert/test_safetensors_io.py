@@ -92,7 +92,7 @@ def test_files_load_in_torch(tmp_path):
 
 
 def _refused(pattern: str, call, *args):
-  with pytest.raises(ConversionError, match=pattern) as info:
+  with pytest.raises(ConfigError, match=pattern) as info:  # ConversionError or ConfigError
     call(*args)
   assert '\n' not in str(info.value)  # the CLI prints it as one line
 
