@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 
+import jax
+from flax import nnx
+
 import moetrain
+from moetrain import checkpoint, trainer
 from moetrain import config as config_lib
 from moetrain import train
 
@@ -22,6 +26,15 @@ def run(config_file, workdir, steps, *overrides):
   train.run(config, str(workdir))
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   return [r['loss'] for r in records if 'loss' in r and r.get('split') != 'eval']
+
+
+def saved_weights(config_file, workdir, *overrides):
+  """A freshly initialised model of `config_file` saved as a weights-only checkpoint."""
+  config = config_lib.load(config_file, overrides)
+  _, params, buffers = nnx.split(trainer.build_model(config.model, 0), nnx.Param, ...)
+  to_pure = lambda state: jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  checkpoint.save_model(workdir, to_pure(params), to_pure(buffers), config)
+  return workdir
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +70,8 @@ def test_upcycled_model_loads_with_the_dense_logits_before_training(dense_run, t
   np.testing.assert_allclose(np.asarray(moe(tokens)), np.asarray(dense(tokens)), atol=1e-5)
 
 
-def test_warm_start_from_another_model_names_the_field(dense_run, tmp_path, capsys):
-  dense_dir, _ = dense_run
+def test_warm_start_from_another_model_names_the_field(tmp_path, capsys):
+  dense_dir = saved_weights('configs/tiny_dense.py', tmp_path / 'dense')
   code = train.main(['--config', 'configs/tiny_dense.py', '--workdir', str(tmp_path / 'w'),
                      *SMALL, '--config.model.d_model=64',
                      f'--config.init.from_checkpoint={dense_dir}'])
@@ -71,8 +84,7 @@ def test_warm_start_from_another_model_names_the_field(dense_run, tmp_path, caps
 
 
 def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
-  run('configs/tiny.py', tmp_path / 'moe', 1)
-  capsys.readouterr()
+  saved_weights('configs/tiny.py', tmp_path / 'moe')
   code = train.main(['--config', 'configs/tiny.py', '--workdir', str(tmp_path / 'w'), *SMALL,
                      f'--config.init.upcycle_from={tmp_path / "moe"}'])
   error = capsys.readouterr().err.strip()
