@@ -204,8 +204,35 @@ def restore_weights(workdir, abstract_params, abstract_buffers, config=None):
   """(params, buffers) of the newest checkpoint in `workdir` (a run's or `save_model`'s),
   restored with the shardings of the abstract trees (jax.ShapeDtypeStructs). ConfigError for
   another model, naming the `model` fields that differ from `config` when given."""
-  path, step = _latest(workdir)
   target = {'params': abstract_params, 'buffers': abstract_buffers}
+  restored = next(_restore_parts(workdir, target, [target], config))
+  return restored['params'], restored['buffers']
+
+
+def weights_one_by_one(workdir, abstract_params, abstract_buffers):
+  """Yields `(kind, path, array)` for every array of `restore_weights`, each restored alone,
+  so that only one is held at a time (kind: params | buffers; path: '/'-joined keys)."""
+  target = {'params': abstract_params, 'buffers': abstract_buffers}
+  leaves = [(path, leaf) for path, leaf in arrays(target).items()]
+  parts = [_tree_of(path, leaf) for path, leaf in leaves]
+  for (path, _), restored in zip(leaves, _restore_parts(workdir, target, parts)):
+    kind, rest = path.split('/', 1)
+    node = restored[kind]
+    for key in rest.split('/'):
+      node = node[int(key) if key.isdigit() and int(key) in node else key]
+    yield kind, rest, node
+
+
+def _tree_of(path: str, leaf) -> dict:
+  tree = leaf
+  for key in reversed(path.split('/')):
+    tree = {int(key) if key.isdigit() else key: tree}
+  return tree
+
+
+def _restore_parts(workdir, target, parts, config=None):
+  """Checks `target` against the newest checkpoint's arrays, then restores each part."""
+  path, step = _latest(workdir)
   with _reader(path) as checkpoints:
     saved = _shapes(checkpoints.item_metadata(step)['state'])
     wanted = _shapes(target)
@@ -215,10 +242,10 @@ def restore_weights(workdir, abstract_params, abstract_buffers, config=None):
       fields = changed_fields(read_config(checkpoints, step), config) if config else []
       raise ConfigError(f'checkpoint {path / str(step)} holds a different model ('
                         + (", ".join(fields) if fields else mismatch[0]) + ')')
-    restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))['state']
-  return restored['params'], restored['buffers']
+    for part in parts:
+      yield checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          part, restore_args=ocp.checkpoint_utils.construct_restore_args(part),
+          partial_restore=True)))['state']
 
 
 def _reader(path: pathlib.Path) -> ocp.CheckpointManager:

@@ -16,8 +16,9 @@ takes to land.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
-size, each direction's time and peak resident memory above that of a process that only imports
-the same libraries (streaming keeps it near one copy of the model).
+size, each direction's time and peak resident memory, also relative to a process that only
+imports the same libraries. Tensors are read and written one at a time; Orbax's save of the
+converted weights still holds a second copy of them while it writes.
 """
 
 import argparse

@@ -218,15 +218,18 @@ def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
   hf_config = families.config_to_hf(config, family)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   _, params, buffers = abstract_weights(config.model, cpu)
-  params, buffers = checkpoint.restore_weights(checkpoint_dir, params, buffers)
-  flat = {'params': layout.to_layers(params, config.model),
-          'buffers': layout.to_layers(buffers, config.model)}
   plan = tensor_plan(config, family, interleaved=family.model_type == 'deepseek_v3')
+  by_name = {}
+  for tensor in plan:
+    by_name.setdefault((tensor.kind, tensor.name), []).append(tensor)
 
   def tensors():
-    for tensor in plan:
-      value = np.asarray(flat[tensor.kind][tensor.name])
-      yield tensor.hf_name, to_hf(tensor, value if tensor.expert is None
-                                  else value[tensor.expert])
+    # One stored array at a time (a scanned stack holds a parameter of every layer).
+    for kind, path, array in checkpoint.weights_one_by_one(checkpoint_dir, params, buffers):
+      for name, layer in layout.to_layers(layout.unflatten({path: array}), config.model).items():
+        layer = np.asarray(layer)
+        for tensor in by_name[kind, name]:
+          yield tensor.hf_name, to_hf(tensor, layer if tensor.expert is None
+                                      else layer[tensor.expert])
   write_checkpoint(out_folder, tensors(), hf_config, max_shard_bytes, progress)
   return family
