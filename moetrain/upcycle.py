@@ -192,8 +192,6 @@ def moe_layer(mlps: dict, target: dict, prefix: str, moe, init_config, rng) -> d
   router = target[prefix + 'router']
   out = {prefix + key: w for key, w in experts.items()}
   out[prefix + 'router'] = virtual_group_router(router, segments) if segments > 1 else router
-  if prefix + 'router_bias' in target:
-    out[prefix + 'router_bias'] = jnp.zeros_like(target[prefix + 'router_bias'])
   if shared:
     out.update(shared_expert(mlps, target, prefix))
   return out
