@@ -17,7 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moetrain.data.tokenizer import PAD_ID
+from moetrain.data.packing import document_segments
+from moetrain.data.tokenizer import EOS_ID, PAD_ID
 from moetrain.models.transformer import STAT_SHAPES, Transformer
 from moetrain.parallel import sharding
 
@@ -123,11 +124,15 @@ def abstract_state(setup: Setup) -> dict:
 def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None):
   """Cross-entropy over non-padding targets plus the weighted router losses.
 
-  Returns (objective, metrics); `loss` in metrics is the cross-entropy alone.
+  The documents packed into a row attend only within themselves (segments and positions from
+  their end-of-document tokens, `data.packing`). Returns (objective, metrics); `loss` in
+  metrics is the cross-entropy alone.
   """
   inputs_BxL, targets_BxL = batch['inputs'], batch['targets']
+  segments_BxL, positions_BxL = document_segments(inputs_BxL, EOS_ID)
   logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor,
-                                      train=train, rng=rng)
+                                      train=train, rng=rng, segments_BxL=segments_BxL,
+                                      positions_BxL=positions_BxL)
   weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
   ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
   tokens = jnp.maximum(weights_BxL.sum(), 1.0)

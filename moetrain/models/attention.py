@@ -7,7 +7,7 @@ import ml_collections
 from flax import nnx
 
 from moetrain.models import rope
-from moetrain.models.layers import RMSNorm, param, zeros
+from moetrain.models.layers import RMSNorm, param, same_segment, zeros
 
 
 class Attention(nnx.Module):
@@ -32,7 +32,7 @@ class Attention(nnx.Module):
     self.rope = (h, config.rope_theta, ml_collections.FrozenConfigDict(config.rope_scaling))
     self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum('bld,dnh->blnh', x_BxLxD, cast(self.wq))
     k = jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wk))
@@ -47,5 +47,6 @@ class Attention(nnx.Module):
     inv_freq, factor = rope.frequencies(*self.rope)
     q = rope.rotate(q, positions_BxL, inv_freq, factor)
     k = rope.rotate(k, positions_BxL, inv_freq, factor)
-    out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=same_segment(segments_BxL),
+                                                is_causal=True)
     return jnp.einsum('blnh,nhd->bld', out_BxLxNxH, cast(self.wo))

@@ -22,6 +22,13 @@ def zeros(shape, logical_axes, config) -> nnx.Param:
                    eager_sharding=False)
 
 
+def same_segment(segments_BxL):
+  """Attention mask [B, 1, L, L]: query and key in the same segment (None: no segments)."""
+  if segments_BxL is None:
+    return None
+  return segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square layer norm, computed in float32, with a learned per-channel scale."""
 

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from moetrain.models import rope
-from moetrain.models.layers import RMSNorm, param
+from moetrain.models.layers import RMSNorm, param, same_segment
 
 
 class LatentAttention(nnx.Module):
@@ -39,7 +39,7 @@ class LatentAttention(nnx.Module):
     self.scale = rope.softmax_scale(nope + rot, scaling)
     self.dtype = jnp.dtype(config.dtype)
 
-  def __call__(self, x_BxLxD, positions_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
     cast = lambda p: p[...].astype(self.dtype)
     nope, rot, v_dim = self.sizes
     if hasattr(self, 'wq_a'):
@@ -59,5 +59,6 @@ class LatentAttention(nnx.Module):
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (*k_nope.shape[:3], rot))], axis=-1)
     # The fused attention wants one head width: values are zero-padded, the padding cut off.
     v = jnp.pad(v_BxLxNxV, ((0, 0),) * 3 + ((0, nope + rot - v_dim),))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+    out = jax.nn.dot_product_attention(q, k, v, mask=same_segment(segments_BxL),
+                                        is_causal=True, scale=self.scale)
     return jnp.einsum('blnv,nvd->bld', out[..., :v_dim], cast(self.wo))

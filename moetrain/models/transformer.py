@@ -35,8 +35,10 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(config.d_model, config)
     self.ffn = MoE(config, rngs=rngs) if moe else MLP(config, config.d_ff, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
-    x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD), positions_BxL)
+  def __call__(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
+               rng):
+    x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD), positions_BxL,
+                                       segments_BxL)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if isinstance(self.ffn, MoE):
       y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor, train=train, rng=rng)
@@ -117,19 +119,22 @@ class Transformer(nnx.Module):
     return self.forward(tokens_BxL)[0]
 
   def forward(self, tokens_BxL, mask_BxL=None, capacity_factor: float = 0.0, *,
-              train: bool = False, rng=None):
+              train: bool = False, rng=None, segments_BxL=None, positions_BxL=None):
     """Logits [B, L, V] (float32) and routing statistics stacked over MoE layers.
 
     `mask_BxL` marks real tokens (padding is kept out of routing statistics and capacity);
     `capacity_factor <= 0` routes dropless. `train=True` enables router jitter (drawn from
-    `rng`) and updates the balancing biases in place.
+    `rng`) and updates the balancing biases in place. With `segments_BxL` (documents packed
+    into a row, see `data.packing`) a token attends only within its own segment;
+    `positions_BxL` default to 0, 1, … along each row.
     """
     if mask_BxL is None:
       mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
-    positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
     x_BxLxD = sharding.constrain_batch(x_BxLxD)
-    args = (positions_BxL, mask_BxL, capacity_factor, train, rng)
+    args = (positions_BxL, segments_BxL, mask_BxL, capacity_factor, train, rng)
     if self.scan_layers:
       x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)
     else:
@@ -144,16 +149,19 @@ class Transformer(nnx.Module):
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed.astype(self.dtype))
     return logits_BxLxV.astype(jnp.float32), layer_stats
 
-  def _block(self, block, index, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
+  def _block(self, block, index, x_BxLxD, positions_BxL, segments_BxL, mask_BxL,
+             capacity_factor, train, rng):
     """One block; layer `index` draws its jitter from `fold_in(rng, index)`."""
     layer_rng = None if rng is None else jax.random.fold_in(rng, index)
     if self.remat == 'none':
-      return block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, layer_rng)
+      return block(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
+                   layer_rng)
     graphdef, state = nnx.split(block)
 
     def apply(state, x_BxLxD, layer_rng):
       block = nnx.merge(graphdef, state)
-      out = block(x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, layer_rng)
+      out = block(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
+                  layer_rng)
       return out, nnx.to_pure_dict(nnx.state(block))
     out, new_state = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(
         nnx.to_pure_dict(state), x_BxLxD, layer_rng)
@@ -161,10 +169,9 @@ class Transformer(nnx.Module):
     nnx.update(block, state)
     return out
 
-  def _scanned(self, x_BxLxD, positions_BxL, mask_BxL, capacity_factor, train, rng):
+  def _scanned(self, x_BxLxD, *args):
     """Runs the dense stack, the MoE units and the trailing blocks; stats of MoE layers only."""
     dense, units, length, _ = self.plan
-    args = (positions_BxL, mask_BxL, capacity_factor, train, rng)
     moe_stats = []
     for stack, count, start in ((self.dense_stack, dense, 0), (self.moe_stack, units, dense)):
       if stack is None:
