@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     'protobuf==7.36.2',
     'safetensors==0.8.0',
     'ml-dtypes==0.6.0',
+    # Document sources: TFDS array_record datasets (no TensorFlow needed) and parquet files.
+    'tensorflow-datasets==4.9.10',
+    'importlib_resources==7.1.0',
+    'pyarrow==26.0.1',
 ]
 
 EXTRAS_REQUIRE = {

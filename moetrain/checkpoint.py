@@ -3,7 +3,8 @@ skipped.
 
 Each checkpoint is a step directory under `WORKDIR/checkpoints` with three items: `state` (step,
 params, buffers such as router biases, optimizer state, the RNG key), `progress` (the data
-position as a count of global rows consumed, so any number of processes can resume it; JSON)
+position, JSON: for the embedded corpus a count of global rows consumed, so any number of
+processes can resume it; for document sources each process's grain iterator state)
 and `config` (the run's config; JSON). Orbax finalises a step directory only when all of it is
 written, so an interrupted save is never listed; a finalised one that cannot be read is reported
 by name, set aside as `STEP.unreadable` and the previous one restored.
@@ -46,11 +47,15 @@ def manager(path, *, keep: int = 3, permanent_every: int = 0,
                                item_handlers=handlers)
 
 
-def save(checkpoints: ocp.CheckpointManager, step: int, state, data_rows: int, config) -> None:
-  """Starts an asynchronous save of `state` at `step` (returns once the arrays are copied)."""
+def save(checkpoints: ocp.CheckpointManager, step: int, state, data_position: dict,
+         config) -> None:
+  """Starts an asynchronous save of `state` at `step` (returns once the arrays are copied).
+
+  `data_position` is JSON: `data_rows` (global rows consumed, the embedded corpus) or
+  `data_states` (one grain iterator state per process, document sources)."""
   checkpoints.save(step, force=True, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      progress=ocp.args.JsonSave({'step': step, 'data_rows': data_rows}),
+      progress=ocp.args.JsonSave({'step': step, **data_position}),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
 
 
@@ -108,7 +113,7 @@ def check_compatible(checkpoints: ocp.CheckpointManager, step: int, abstract_sta
 
 
 def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *, log=print):
-  """(state, data_rows) from the newest readable checkpoint, restored with the shardings of
+  """(state, progress) from the newest readable checkpoint, restored with the shardings of
   `abstract_state` (a tree of jax.ShapeDtypeStruct); None when there is none.
 
   A checkpoint of another model raises ConfigError; an unreadable one is reported, renamed to
@@ -129,7 +134,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *
       _set_aside(path)
       checkpoints.reload()
       continue
-    return restored['state'], int(restored['progress']['data_rows'])
+    return restored['state'], dict(restored['progress'])
   return None
 
 

@@ -122,9 +122,19 @@ def default_config() -> ml_collections.ConfigDict:
   i.noise = 0.0  # std of noise added to copied expert weights, relative to each matrix's std
   i.drop_ratio = 0.5  # drop: fraction of each expert's hidden units re-initialised
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = 'stdlib'  # stdlib: the Python standard library's own source files
-  c.data.tokenizer = ''  # sentencepiece .model file; empty trains (once) and caches one
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'stdlib'  # stdlib (the Python standard library's source) | text | jsonl | parquet
+  #                      | tfds (a prepared array_record dataset, read without TensorFlow)
+  d.path = ''  # text/jsonl/parquet: files or glob patterns, comma-separated
+  d.text_field = 'text'  # jsonl/parquet/tfds: the field holding a document's text
+  d.data_dir = ''  # tfds: the directory the dataset was prepared in
+  d.tfds_name = ''  # tfds: dataset name(s), comma-separated
+  d.weights = ''  # a mixture: one weight per path or TFDS name, comma-separated; empty: none
+  d.split = 'train'  # tfds: the training split
+  d.eval_split = 'eval'  # tfds: the held-out split (files: a fixed ~5% of them by hash)
+  d.on_bad_record = 'error'  # error | skip (jsonl lines that do not parse, counted)
+  d.workers = 2  # threads tokenizing documents ahead of the training step
+  d.tokenizer = ''  # sentencepiece .model file; empty trains (once) and caches one
 
   c.lock()
   return c
@@ -143,7 +153,8 @@ ENUMS = {
     'model.moe.dispatch': ('auto', 'capacity', 'einsum', 'dropless'),
     'train.schedule': ('cosine', 'constant'),
     'train.remat': ('none', 'full', 'save_dots'),
-    'data.source': ('stdlib',),
+    'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
+    'data.on_bad_record': ('error', 'skip'),
 }
 
 POSITIVE = (
@@ -161,7 +172,7 @@ NON_NEGATIVE = (
     'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
-    'train.permanent_every', 'model.q_lora_rank', 'init.noise',
+    'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
 )
 
 
@@ -201,6 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('init.from_checkpoint and init.upcycle_from exclude each other')
   if not 0 <= config.init.drop_ratio <= 1:
     raise ConfigError(f'init.drop_ratio={config.init.drop_ratio} must be between 0 and 1')
+  _validate_data(config.data)
   if config.init.upcycle_from and not e.num_experts:
     raise ConfigError('init.upcycle_from needs an MoE model (model.moe.num_experts > 0)')
   if e.num_experts:
@@ -220,6 +232,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'mesh.{axis}={size} must be >= 1, or -1 to fill the devices')
   if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
     raise ConfigError('at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1')
+
+
+def _validate_data(d):
+  """Checks that the data source names what it reads."""
+  if d.source in ('text', 'jsonl', 'parquet') and not d.path.strip():
+    raise ConfigError(f'data.path is empty; data.source={d.source} reads files from it')
+  if d.source == 'tfds' and not d.tfds_name.strip():
+    raise ConfigError('data.tfds_name is empty; data.source=tfds reads a dataset by name')
+  if d.weights.strip():
+    parts = d.tfds_name if d.source == 'tfds' else d.path
+    count = len([x for x in parts.split(',') if x.strip()])
+    weights = [x for x in d.weights.split(',') if x.strip()]
+    if len(weights) != count:
+      raise ConfigError(f'data.weights={d.weights!r} has {len(weights)} weights for {count} '
+                        'sources')
+    try:
+      bad = [w for w in weights if not float(w) > 0]
+    except ValueError:
+      bad = weights
+    if bad:
+      raise ConfigError(f'data.weights={d.weights!r}: weights must be positive numbers')
 
 
 def _validate_mla(m):

@@ -11,6 +11,7 @@ on a TPU pod or in a SLURM job. Single-process runs initialise nothing.
 """
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -117,28 +118,75 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def load_data(config, process_index: int, process_count: int, start_row: int = 0):
-  """The tokenizer, the training batch iterator (from global row `start_row` of the shuffled
-  stream) and the fixed eval batches of this process."""
-  from moetrain.data import pipeline, tokenizer as tokenizer_lib
+def load_tokenizer(config):
+  """The tokenizer `data.tokenizer` names, or the one trained (once, cached) on the corpus."""
+  from moetrain.data import tokenizer as tokenizer_lib
   if config.data.tokenizer:
     try:
       tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer)
     except (OSError, RuntimeError, ValueError) as error:
       raise ConfigError(f'data.tokenizer={config.data.tokenizer!r}: {error}') from error
-  else:
+  elif config.data.source == 'stdlib':
     tokenizer = tokenizer_lib.load_or_train_stdlib_tokenizer(config.model.vocab_size)
+  else:
+    from moetrain.data import documents
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(
+        documents.documents_from_config(config.data, 'train'), config.data,
+        config.model.vocab_size)
   if tokenizer.vocab_size() > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer vocabulary ({tokenizer.vocab_size()})')
-  t = config.train
-  train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
-  eval_rows = pipeline.pack(pipeline.tokenized_stdlib('eval', tokenizer), t.seq_len)
-  train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
-                                      process_count, start_row=start_row)
-  eval_batches = pipeline.eval_batches(eval_rows, t.batch_size, t.eval_batches, process_index,
-                                       process_count) if t.eval_every else []
+  return tokenizer
+
+
+def load_data(config, process_index: int, process_count: int, progress=None):
+  """The tokenizer, this process's training batch iterator (resumed at `progress`, a
+  checkpoint's data position) and its fixed eval batches."""
+  from moetrain.data import pipeline
+  tokenizer = load_tokenizer(config)
+  t, progress = config.train, progress or {}
+  if config.data.source == 'stdlib':
+    train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
+    eval_rows = pipeline.pack(pipeline.tokenized_stdlib('eval', tokenizer), t.seq_len)
+    train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
+                                        process_count, start_row=progress.get('data_rows', 0))
+    eval_batches = pipeline.eval_batches(eval_rows, t.batch_size, t.eval_batches,
+                                         process_index, process_count) if t.eval_every else []
+    return tokenizer, train_iter, eval_batches
+  from moetrain.data import documents
+  train_iter = pipeline.document_train_batches(
+      documents.documents_from_config(config.data, 'train'), tokenizer, t.seq_len,
+      t.batch_size, t.seed, process_index, process_count, config.data.workers)
+  if 'data_states' in progress:
+    states = progress['data_states']
+    if len(states) != process_count:
+      raise ConfigError(f'the checkpoint\'s data position was saved by {len(states)} '
+                        f'processes; resume data.source={config.data.source} with as many '
+                        f'(here: {process_count})')
+    train_iter.set_state(states[process_index])
+  eval_batches = pipeline.document_eval_batches(
+      documents.documents_from_config(config.data, 'eval'), tokenizer, t.seq_len,
+      t.batch_size, t.eval_batches, process_index, process_count) if t.eval_every else []
   return tokenizer, train_iter, eval_batches
+
+
+def data_position(config, train_iter, start_rows: int, steps_done: int) -> dict:
+  """The checkpointed data position after `steps_done` steps of this run (see load_data)."""
+  if config.data.source == 'stdlib':
+    return {'data_rows': start_rows + steps_done * config.train.batch_size}
+  import jax
+  state = json.dumps(train_iter.get_state())
+  if jax.process_count() == 1:
+    return {'data_states': [json.loads(state)]}
+  import numpy as np
+  from jax.experimental import multihost_utils
+  # Every process's iterator state goes into the one JSON item process 0 writes.
+  encoded = np.frombuffer(state.encode(), np.uint8)
+  longest = int(np.max(multihost_utils.process_allgather(np.int32(len(encoded)))))
+  padded = np.zeros(longest, np.uint8)
+  padded[:len(encoded)] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return {'data_states': [json.loads(bytes(row).rstrip(b'\0')) for row in gathered]}
 
 
 def open_checkpoints(workdir, train_config):
@@ -149,8 +197,8 @@ def open_checkpoints(workdir, train_config):
 
 
 def restore_or_init(setup, workdir, lead: bool):
-  """(state, global data rows consumed, checkpoint manager): the newest readable checkpoint
-  in `workdir`, or a fresh state. Raises ConfigError for a checkpoint of another model before
+  """(state, data position, checkpoint manager): the newest readable checkpoint in `workdir`,
+  or a fresh state (position None). Raises ConfigError for a checkpoint of another model before
   anything is written."""
   from moetrain import checkpoint, trainer
   t = setup.config.train
@@ -170,11 +218,11 @@ def restore_or_init(setup, workdir, lead: bool):
       source = (f'weights of {i.from_checkpoint}' if i.from_checkpoint else
                 f'{i.upcycle_from} upcycled ({i.upcycle})')
       print(f'starting from {source}', file=sys.stderr)
-    return trainer.init_state(setup, weights), 0, checkpoints
-  state, data_rows = restored
+    return trainer.init_state(setup, weights), None, checkpoints
+  state, progress = restored
   if lead:
     print(f'resuming from step {int(state["step"])} of {path}', file=sys.stderr)
-  return state, data_rows, checkpoints
+  return state, progress, checkpoints
 
 
 def run(config, workdir_path: str) -> dict:
@@ -193,17 +241,19 @@ def run(config, workdir_path: str) -> dict:
   setup = trainer.make_setup(config, mesh)
   t = config.train
   with jax.set_mesh(mesh):
-    state, start_rows, checkpoints = restore_or_init(setup, workdir, lead)
+    state, position, checkpoints = restore_or_init(setup, workdir, lead)
     start_step = int(state['step'])
     tokenizer, train_iter, eval_batches = load_data(config, jax.process_index(),
-                                                    jax.process_count(), start_rows)
+                                                    jax.process_count(), position)
+    start_rows = (position or {}).get('data_rows', 0)
     if lead:
       (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     if checkpoints is None:
       checkpoints = open_checkpoints(workdir, t)
     writer = metrics.MetricsWriter(workdir, enabled=lead, resumed_at=start_step)
-    rows_at = lambda step: start_rows + (step - start_step) * t.batch_size
-    save = lambda step, state: checkpoint.save(checkpoints, step, state, rows_at(step), config)
+    save = lambda step, state: checkpoint.save(
+        checkpoints, step, state, data_position(config, train_iter, start_rows,
+                                                step - start_step), config)
     watch = checkpoint.PreemptionWatch(checkpoints)
     try:
       with tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',

@@ -41,16 +41,16 @@ def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path, target):
     state, _ = trainer.make_train_step(source)(state, trainer.global_batch(
         source, random_batch(source.config)))  # moments and bias no longer zero
     manager = checkpoint.manager(tmp_path)
-    checkpoint.save(manager, 1, state, data_rows=8, config=source.config)
+    checkpoint.save(manager, 1, state, {'data_rows': 8}, config=source.config)
     manager.wait_until_finished()
     saved = jax.device_get(state)
 
   devices = jax.devices()[:1] if target == (1, 1, 1, 1) else jax.devices()[:8]
   destination = setup_on(target, devices)
   with jax.set_mesh(destination.mesh):
-    restored, data_rows = checkpoint.restore_latest(
+    restored, progress = checkpoint.restore_latest(
         checkpoint.manager(tmp_path), trainer.abstract_state(destination), destination.config)
-  assert data_rows == 8
+  assert progress['data_rows'] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
   jax.tree.map(lambda array, sharding: (array.sharding == sharding) or pytest.fail(
       f'{array.sharding} != {sharding}'), restored, destination.state_shardings)
@@ -60,7 +60,8 @@ def test_retention_keeps_the_latest_and_the_permanent_steps(tmp_path):
   config = small_config()
   manager = checkpoint.manager(tmp_path, keep=2, permanent_every=4)
   for step in range(1, 10):
-    checkpoint.save(manager, step, {'step': np.int32(step)}, data_rows=step, config=config)
+    checkpoint.save(manager, step, {'step': np.int32(step)}, {'data_rows': step},
+                    config=config)
   manager.wait_until_finished()
   assert sorted(manager.all_steps()) == [4, 8, 9]
 

@@ -3,6 +3,7 @@
   python tools/benchmark.py moe-layer [--shapes small|full] [--json out.json]
   python tools/benchmark.py checkpoint [--config configs/tiny.py] [--json out.json]
   python tools/benchmark.py convert [--config configs/tiny_mixtral.py] [--config.a.b=v …]
+  python tools/benchmark.py input [--config configs/tiny.py] [--workers 0 1 2]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
 dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -13,6 +14,10 @@ Absolute times move from machine to machine; compare ratios from one run.
 checkpoint: train steps of a config timed alone and while an asynchronous Orbax save of the
 whole train state is in flight, plus how long `save` blocks the loop and how long the save
 takes to land.
+
+input: tokens/s of the document pipeline (read jsonl, tokenize on worker threads, pack, batch)
+on the embedded corpus written out as jsonl, for several worker counts, next to the tokens/s
+the config's train step consumes on this machine: the pipeline must outpace the step.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
@@ -199,7 +204,7 @@ def checkpoint_overhead(args):
     during, blocking, landing = [], [], []
     for round_index in range(args.saves):
       start = time.perf_counter()
-      checkpoint.save(manager, round_index + 1, holder['state'], 0, config)
+      checkpoint.save(manager, round_index + 1, holder['state'], {'data_rows': 0}, config)
       blocking.append(time.perf_counter() - start)
       while manager.is_saving_in_progress():
         during.append(_timed(one_step))
@@ -218,6 +223,58 @@ def checkpoint_overhead(args):
     value = report[name]
     print(f'  {name:<22} {"n/a" if value is None else f"{value:9.1f}"}')
   print(f'  steps_during_saves     {len(during):9d}')
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+
+
+def _train_tokens_per_sec(config, repeats: int) -> float:
+  setup = trainer.make_setup(config, make_mesh(config))
+  t = config.train
+  tokens = np.random.default_rng(0).integers(4, config.model.vocab_size,
+                                             (t.batch_size, t.seq_len + 1))
+  local = {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
+  with jax.set_mesh(setup.mesh):
+    holder = {'state': trainer.init_state(setup)}
+    step, batch = trainer.make_train_step(setup), trainer.global_batch(setup, local)
+
+    def one_step():
+      holder['state'], metrics = step(holder['state'], batch)
+      return metrics
+    for _ in range(2):
+      _timed(one_step)
+    seconds = statistics.median(_timed(one_step) for _ in range(repeats))
+  return t.batch_size * t.seq_len / seconds
+
+
+def input_pipeline(args):
+  """Document pipeline throughput against the train step's consumption."""
+  from moetrain.data import documents, pipeline, sources
+  from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer
+  config = config_lib.load(args.config, args.overrides)
+  t = config.train
+  tokenizer = load_or_train_stdlib_tokenizer(config.model.vocab_size)
+  with tempfile.TemporaryDirectory() as directory:
+    path = pathlib.Path(directory) / 'stdlib.jsonl'
+    with path.open('w') as out:
+      for file in sources.stdlib_files('train'):
+        out.write(json.dumps({'text': sources.read_text(file)}) + '\n')
+    config.data.source, config.data.path = 'jsonl', str(path)
+    docs = documents.documents_from_config(config.data, 'train')
+    print(f'{len(docs)} documents ({path.stat().st_size / 2**20:.1f} MiB of jsonl), '
+          f'batches of {t.batch_size}×{t.seq_len} tokens, {os.cpu_count()} CPUs')
+    report = {'config': args.config, 'documents': len(docs), 'pipeline_tokens_per_sec': {}}
+    for workers in args.workers:
+      iterator = pipeline.document_train_batches(docs, tokenizer, t.seq_len, t.batch_size,
+                                                 t.seed, workers=workers)
+      next(iterator)
+      start = time.perf_counter()
+      for _ in range(args.batches):
+        next(iterator)
+      rate = args.batches * t.batch_size * t.seq_len / (time.perf_counter() - start)
+      report['pipeline_tokens_per_sec'][workers] = rate
+      print(f'  pipeline, {workers} worker thread(s): {rate:12,.0f} tokens/s')
+  report['train_tokens_per_sec'] = _train_tokens_per_sec(config, args.repeats)
+  print(f'  train step consumes:             {report["train_tokens_per_sec"]:12,.0f} tokens/s')
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
 
@@ -304,8 +361,16 @@ def main(argv=None):
   convert.add_argument('--json', help='also write the results to this JSON file')
   convert.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
   convert.set_defaults(run=conversion_memory)
+  feed = commands.add_parser('input', help='document pipeline tokens/s vs the train step')
+  feed.add_argument('--config', default='configs/tiny.py')
+  feed.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
+  feed.add_argument('--batches', type=int, default=50)
+  feed.add_argument('--repeats', type=int, default=5)
+  feed.add_argument('--json', help='also write the results to this JSON file')
+  feed.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  feed.set_defaults(run=input_pipeline)
   args, unknown = parser.parse_known_args(argv)
-  if args.command in ('checkpoint', 'convert'):
+  if args.command in ('checkpoint', 'convert', 'input'):
     args.overrides = args.overrides + unknown
   elif unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')

@@ -23,6 +23,12 @@ SUMMARY_FIELDS = (
     'train.steps', 'mesh.data', 'mesh.fsdp', 'mesh.expert', 'mesh.tensor')
 
 
+def _position(progress: dict) -> str:
+  if 'data_states' in progress:
+    return f'grain iterator states of {len(progress["data_states"])} process(es)'
+  return f'{progress.get("data_rows", 0):,} global rows consumed'
+
+
 class InspectError(Exception):
   pass
 
@@ -64,7 +70,7 @@ def inspect(path: pathlib.Path, step: int | None) -> str:
   saved = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore(),
                                                         config=ocp.args.JsonRestore()))
   lines = [f'checkpoint {directory / str(step)}: step {step} (all steps: {sorted(steps)})',
-           f'data position: {saved["progress"]["data_rows"]:,} global rows consumed',
+           f'data position: {_position(saved["progress"])}',
            'config: ' + ', '.join(f'{name}={json.dumps(field(saved["config"], name))}'
                                   for name in SUMMARY_FIELDS)]
   totals = {}

@@ -6,8 +6,10 @@ targets equal to ``PAD_ID`` carry no loss (the trainer masks them).
 
 import hashlib
 import io
+import itertools
 import json
 import pathlib
+import sys
 
 import grain
 import numpy as np
@@ -139,3 +141,61 @@ def eval_batches(rows: np.ndarray, batch_size: int, num_batches: int, process_in
   padded[:len(taken)] = taken
   mine = padded[process_index::process_count]
   return [_inputs_and_targets(mine[i * local:(i + 1) * local]) for i in range(count)]
+
+
+def _rows_of_documents(documents: grain.MapDataset, tokenizer, seq_len: int,
+                       read_options: grain.ReadOptions) -> grain.IterDataset:
+  """Documents (strings) → rows ``{'tokens': int32 [seq_len + 1]}``: each document tokenized
+  and ended by ``EOS_ID``, concatenated and cut (grain's concat-then-split packing: every token
+  lands in exactly one row)."""
+  def tokenize(text):
+    return {'tokens': np.asarray(tokenizer.encode(text) + [EOS_ID], np.int32)}
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      documents.map(tokenize).to_iter_dataset(read_options),
+      length_struct={'tokens': seq_len + 1})
+  # Document boundaries are re-derived from EOS_ID inside the model step (data.packing).
+  return rows.map(lambda row: row['tokens'])
+
+
+def process_documents(documents: grain.MapDataset, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> grain.MapDataset:
+  """This process's endless share of the documents: positions p, p + n, … of one global order
+  (n processes). A finite source is shuffled by ``seed`` afresh every epoch; an endless one (a
+  mixture of sources that each reshuffle, see `documents`) is taken in its own order."""
+  if len(documents) < sys.maxsize:
+    documents = documents.shuffle(seed=seed).repeat(reseed_each_epoch=True)
+  return documents.slice(slice(process_index, None, process_count))
+
+
+def document_train_batches(documents: grain.MapDataset, tokenizer, seq_len: int,
+                           batch_size: int, seed: int, process_index: int = 0,
+                           process_count: int = 1, workers: int = 2) -> grain.DatasetIterator:
+  """Endless batches of packed documents for this process; checkpointable (`get_state`).
+
+  One global document order per epoch (a shuffle by ``seed``, fresh each epoch); process p
+  reads documents p, p + n, p + 2n, … of it (n processes), so the processes' shares are
+  disjoint and together cover each epoch. Each packs its own documents into rows, tokenizing
+  on ``workers`` threads ahead of the training step. ``batch_size`` is global.
+  """
+  local = _local_batch_size(batch_size, process_index, process_count)
+  mine = process_documents(documents, seed, process_index, process_count)
+  options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(4 * workers, 8))
+  rows = _rows_of_documents(mine, tokenizer, seq_len, options)
+  return iter(rows.batch(local, drop_remainder=True).map(_inputs_and_targets))
+
+
+def document_eval_batches(documents: grain.MapDataset, tokenizer, seq_len: int,
+                          batch_size: int, num_batches: int, process_index: int = 0,
+                          process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """``num_batches`` fixed batches of the eval documents, this process's share (its documents,
+  packed as in training). A short split is completed with ``PAD_ID`` rows, which the loss
+  ignores, so that every process runs the same number of eval steps."""
+  local = _local_batch_size(batch_size, process_index, process_count)
+  mine = documents.slice(slice(process_index, None, process_count))
+  rows = list(itertools.islice(iter(_rows_of_documents(
+      mine, tokenizer, seq_len, grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))),
+      num_batches * local))
+  padded = np.full((num_batches * local, seq_len + 1), PAD_ID, np.int32)
+  if rows:
+    padded[:len(rows)] = np.stack(rows)
+  return [_inputs_and_targets(padded[i * local:(i + 1) * local]) for i in range(num_batches)]

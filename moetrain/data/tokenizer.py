@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from moetrain.config import ConfigError
 from moetrain.data import sources
 
 PAD_ID = 0
@@ -93,8 +94,10 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
         yield line
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: pathlib.Path) -> None:
-  """Train a BPE model of exactly ``vocab_size`` pieces on ``texts``; write it to ``model_path``.
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: pathlib.Path,
+                    model_type: str = 'bpe') -> None:
+  """Train a ``model_type`` (bpe | unigram) model of exactly ``vocab_size`` pieces on
+  ``texts``, with byte fallback (every text round-trips exactly); write it to ``model_path``.
 
   Deterministic: the same texts and vocab size give the same model file.
   Raises ``RuntimeError`` (from SentencePiece) if the texts are too small to
@@ -102,7 +105,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: pathlib.P
   """
   buffer = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=_lines(texts), model_writer=buffer,
-                                 vocab_size=vocab_size, **_TRAINER_SETTINGS)
+                                 vocab_size=vocab_size,
+                                 **{**_TRAINER_SETTINGS, 'model_type': model_type})
   atomic_write_bytes(model_path, buffer.getvalue())
 
 
@@ -135,6 +139,31 @@ def stdlib_tokenizer_path(vocab_size: int) -> pathlib.Path:
   }, sort_keys=True)
   key = hashlib.sha1(key_material.encode('utf-8')).hexdigest()[:12]
   return cache_dir() / 'tokenizers' / f'stdlib-bpe-{vocab_size}-{key}.model'
+
+
+# Documents a tokenizer is trained on when a run names none (a sample in a fixed order).
+TRAINING_DOCUMENTS = 20_000
+
+
+def load_or_train_tokenizer(documents, data_config, vocab_size: int
+                            ) -> spm.SentencePieceProcessor:
+  """A BPE tokenizer of up to `TRAINING_DOCUMENTS` documents of a source (a grain MapDataset
+  of strings), trained once and cached under a key of the data config and vocabulary size."""
+  fields = {name: data_config[name] for name in ('source', 'path', 'text_field', 'data_dir',
+                                                 'tfds_name', 'weights', 'split')}
+  key = hashlib.sha1(json.dumps([fields, vocab_size, len(documents)], sort_keys=True)
+                     .encode()).hexdigest()[:12]
+  path = cache_dir() / 'tokenizers' / f'{data_config.source}-bpe-{vocab_size}-{key}.model'
+  if not path.is_file():
+    sample = documents.shuffle(seed=0)
+    texts = (sample[i] for i in range(min(len(sample), TRAINING_DOCUMENTS)))
+    try:
+      train_tokenizer(texts, vocab_size, path)
+    except RuntimeError as error:
+      raise ConfigError(f'data: cannot train a {vocab_size}-piece tokenizer on this source '
+                        f'({str(error).strip().splitlines()[-1]}); lower model.vocab_size or '
+                        'give data.tokenizer') from error
+  return load_tokenizer(path)
 
 
 def load_or_train_stdlib_tokenizer(vocab_size: int) -> spm.SentencePieceProcessor:
