@@ -15,8 +15,10 @@ def write(tmp_path, body, name='cfg.py'):
 def test_every_field_has_a_comment():
   source = open(config_lib.__file__).read()
   config = config_lib.default_config()
-  for section in ('model', 'model.moe', 'mesh', 'train', 'data'):
-    node = config_lib._get(config, section)
+  for section in ('model', 'model.moe', 'model.rope_scaling', 'mesh', 'train', 'data', 'init'):
+    node = config
+    for key in section.split('.'):
+      node = node[key]
     for key, value in node.items():
       if hasattr(value, 'items'):
         continue
