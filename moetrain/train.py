@@ -231,7 +231,7 @@ def run(config, workdir_path: str) -> dict:
   import jax
   import tqdm
 
-  from moetrain import checkpoint, generate, metrics, trainer
+  from moetrain import checkpoint, generate, metrics, summary, trainer
   from moetrain.parallel.mesh import make_mesh
 
   mesh = make_mesh(config)
@@ -240,6 +240,8 @@ def run(config, workdir_path: str) -> dict:
   lead = jax.process_index() == 0
   setup = trainer.make_setup(config, mesh)
   t = config.train
+  if lead:
+    print('\n'.join(summary.describe(setup, trainer.abstract_state(setup))))
   with jax.set_mesh(mesh):
     state, position, checkpoints = restore_or_init(setup, workdir, lead)
     start_step = int(state['step'])

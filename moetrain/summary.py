@@ -1,0 +1,115 @@
+"""What a run is about to do, printed before anything compiles: devices and mesh, parameters
+(total and active per token), training FLOPs per token, tokens per step, and an estimate of
+each device's memory, with a warning when it will not fit.
+"""
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from moetrain.models import layout
+from moetrain.trainer import build_model
+
+_EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
+# Bytes of activations kept per token, layer and unit of d_model for the backward pass, by
+# `train.remat` (Korthikanti et al. 2022 count 34 bytes at 16 bits without recomputation; a
+# fully rematerialised block keeps only its input).
+_ACTIVATION_FACTOR = {'none': 17, 'save_dots': 8, 'full': 1}
+
+
+def parameter_counts(model_config) -> dict:
+  """{'total', 'active', 'embedding'}: every parameter, those one token uses (k of the E routed
+  experts, all the rest), and the token embedding's."""
+  unscanned = model_config.copy_and_resolve_references()
+  unscanned.scan_layers = False
+  state = jax.eval_shape(lambda: nnx.state(build_model(unscanned, 0), nnx.Param))
+  moe = model_config.moe
+  counts = {'total': 0, 'active': 0, 'embedding': 0}
+  for name, leaf in layout.flatten(nnx.to_pure_dict(state)).items():
+    size = math.prod(leaf.shape)
+    counts['total'] += size
+    routed = name.endswith(_EXPERT_WEIGHTS) and leaf.ndim == 3
+    # With null experts a token uses at most k real experts; k is the bound reported.
+    counts['active'] += size * min(moe.top_k, moe.num_experts) // moe.num_experts if routed \
+        else size
+    if name == 'embed':
+      counts['embedding'] = size
+  return counts
+
+
+def flops_per_token(model_config, seq_len: int) -> float:
+  """Training FLOPs per token: 6 per active matmul weight (forward and backward) plus the
+  attention scores and weighted sums over `seq_len` keys (computed whole, causal or not)."""
+  m = model_config
+  counts = parameter_counts(m)
+  matmul = counts['active'] - counts['embedding']
+  if m.tie_embeddings:
+    matmul += counts['embedding']  # the output layer reuses it
+  if m.attention == 'mla':
+    width = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+  else:
+    width = 2 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  return 6.0 * matmul + 6.0 * m.num_layers * seq_len * width
+
+
+def _bytes_per_device(tree, shardings) -> float:
+  """Bytes one device holds of arrays `tree` placed with `shardings` (exact for even splits)."""
+  total = 0.0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def memory_per_device(setup, abstract_state) -> dict:
+  """Estimated bytes per device: 'params', 'optimizer' (exact, from the shardings),
+  'activations' (a rule of thumb) and their 'total'."""
+  config = setup.config
+  m, t = config.model, config.train
+  shardings = setup.state_shardings
+  params = _bytes_per_device(abstract_state['params'], shardings['params'])
+  optimizer = _bytes_per_device(abstract_state['opt_state'], shardings['opt_state'])
+  batch_devices = math.prod(setup.mesh.shape[a] for a in ('data', 'fsdp', 'expert'))
+  tokens = t.batch_size * t.seq_len / batch_devices / t.microbatches
+  width = np.dtype(m.dtype).itemsize
+  heads = m.num_heads / setup.mesh.shape['tensor']
+  activations = tokens * m.num_layers * (
+      _ACTIVATION_FACTOR[t.remat] * m.d_model * width
+      + (heads * t.seq_len * 4 if t.remat == 'none' else 0))  # float32 attention scores
+  activations += tokens * m.vocab_size * 4 * 2  # float32 logits and their gradient
+  return {'params': params, 'optimizer': optimizer, 'activations': activations,
+          'total': params + optimizer + activations}
+
+
+def _gib(value: float) -> str:
+  return f'{value / 2**30:.2f} GiB'
+
+
+def describe(setup, abstract_state) -> list[str]:
+  """The summary's lines, and a warning line when the estimate exceeds a device's memory."""
+  config = setup.config
+  m, t = config.model, config.train
+  devices = jax.devices()
+  counts = parameter_counts(m)
+  memory = memory_per_device(setup, abstract_state)
+  mesh = ', '.join(f'{name}={size}' for name, size in setup.mesh.shape.items())
+  lines = [
+      f'devices: {len(devices)} × {devices[0].device_kind} ({jax.process_count()} process(es));'
+      f' mesh {mesh}',
+      f'parameters: {counts["total"]:,} total, {counts["active"]:,} active per token '
+      f'({counts["embedding"]:,} in the token embedding)',
+      f'compute: {flops_per_token(m, t.seq_len):.3g} training FLOPs per token, '
+      f'{t.batch_size * t.seq_len:,} tokens per step',
+      f'memory per device (estimate): {_gib(memory["total"])} = params '
+      f'{_gib(memory["params"])} + optimizer {_gib(memory["optimizer"])} + activations '
+      f'{_gib(memory["activations"])}']
+  try:
+    limit = (devices[0].memory_stats() or {}).get('bytes_limit')
+  except (AttributeError, NotImplementedError, RuntimeError):  # no figure on this platform
+    limit = None
+  if limit and memory['total'] > limit:
+    lines.append(f'warning: the estimate exceeds the {_gib(limit)} of one device; shard more '
+                 '(mesh.fsdp, mesh.expert), rematerialise (train.remat) or use microbatches')
+  return lines
