@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # the latest checkpoints kept; older ones are deleted
   t.permanent_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
   t.max_nonfinite_steps = 10  # consecutive non-finite steps (update skipped) before the run stops
+  t.profile_steps = 0  # JAX-profile this many steps (from the 2nd) into the workdir; 0: none
 
   c.init = i = ml_collections.ConfigDict()
   i.from_checkpoint = ''  # start from this checkpoint's weights (step 0, fresh optimizer)

@@ -261,7 +261,8 @@ def run(config, workdir_path: str) -> dict:
       with tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
                      disable=not lead, dynamic_ncols=True) as progress:
         state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
-                                            progress, save=save, stop_requested=watch)
+                                            progress, save=save, stop_requested=watch,
+                                            trace_dir=workdir)
     finally:
       watch.close()
       checkpoints.wait_until_finished()

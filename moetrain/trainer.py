@@ -286,15 +286,39 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
+class _Trace:
+  """Traces the steps in `steps` (a range) with the JAX profiler into `directory`."""
+
+  def __init__(self, steps: range, directory):
+    self.steps, self.directory, self.active = steps, directory, False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.steps[-1]:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=None, *,
-               save=None, stop_requested=None):
+               save=None, stop_requested=None, trace_dir=None):
   """Runs steps up to `config.train.steps` with logging, eval and checkpoints.
 
   `progress`, if given, is a tqdm-like bar advanced once per step. `save(step, state)` starts a
   checkpoint every `train.checkpoint_every` steps and at the end; when `stop_requested(step)`
   turns true (preemption), the loop saves and ends early. Steps with a non-finite loss or
   gradient leave the state unchanged and are counted; `train.max_nonfinite_steps` of them in
-  a row raise NonFiniteError. Returns (state, summary).
+  a row raise NonFiniteError. With `train.profile_steps` = n and a `trace_dir`, this run's
+  steps 2 … n+1 (the first compiles) are traced with the JAX profiler into `trace_dir`, where
+  TensorBoard's profile plugin finds them. Returns (state, summary).
   """
   t = setup.config.train
   train_step, eval_step = make_train_step(setup), make_eval_step(setup)
@@ -304,47 +328,54 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
   start_step = int(state['step'])
   window_start, window_steps = time.perf_counter(), 0
   streak, pending_skip = 0, None
-  for step in range(start_step + 1, t.steps + 1):
-    state, metrics = train_step(state, global_batch(setup, next(train_iter)))
-    window_steps += 1
-    # Reading the previous step's flag lets this step run meanwhile.
+  trace = _Trace(range(start_step + 2, start_step + 2 + t.profile_steps) if trace_dir
+                 else range(0), trace_dir)
+  try:
+    for step in range(start_step + 1, t.steps + 1):
+      trace.before(step)
+      state, metrics = train_step(state, global_batch(setup, next(train_iter)))
+      trace.after(step, state)
+      window_steps += 1
+      # Reading the previous step's flag lets this step run meanwhile.
+      if pending_skip is not None:
+        streak = _count_skip(pending_skip, streak, summary, step - 1, t.max_nonfinite_steps)
+      pending_skip = metrics['skipped']
+      if summary['first_loss'] is None:
+        summary['first_loss'] = float(metrics['loss'])
+        window_start, window_steps = time.perf_counter(), 0  # leave compilation out of tokens/s
+      if step % t.log_every == 0 or step == t.steps:
+        jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - window_start
+        if window_steps:
+          metrics['tokens_per_sec'] = tokens_per_step * window_steps / elapsed
+        record = writer.write(step, metrics)
+        summary['loss'], summary['tokens_per_sec'] = record['loss'], record.get('tokens_per_sec')
+        if progress is not None:
+          progress.set_postfix(loss=f'{record["loss"]:.3f}',
+                               tok_s=f'{record.get("tokens_per_sec", 0):,.0f}', refresh=False)
+        window_start, window_steps = time.perf_counter(), 0
+      if eval_batches and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+        eval_loss = evaluate(setup, eval_step, state, eval_batches)
+        writer.write(step, {'loss': eval_loss}, split='eval')
+        summary['eval_loss'] = eval_loss
+        if summary['first_eval_loss'] is None:
+          summary['first_eval_loss'] = eval_loss
+        if progress is not None:
+          progress.write(f'step {step}: eval loss {eval_loss:.3f}')
+        window_start, window_steps = time.perf_counter(), 0
+      if progress is not None:
+        progress.update(1)
+      stop = stop_requested is not None and stop_requested(step)
+      if save is not None and (stop or step == t.steps
+                               or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+        save(step, state)
+      if stop:
+        summary['stopped_at'] = step
+        break
     if pending_skip is not None:
-      streak = _count_skip(pending_skip, streak, summary, step - 1, t.max_nonfinite_steps)
-    pending_skip = metrics['skipped']
-    if summary['first_loss'] is None:
-      summary['first_loss'] = float(metrics['loss'])
-      window_start, window_steps = time.perf_counter(), 0  # leave compilation out of tokens/s
-    if step % t.log_every == 0 or step == t.steps:
-      jax.block_until_ready(metrics)
-      elapsed = time.perf_counter() - window_start
-      if window_steps:
-        metrics['tokens_per_sec'] = tokens_per_step * window_steps / elapsed
-      record = writer.write(step, metrics)
-      summary['loss'], summary['tokens_per_sec'] = record['loss'], record.get('tokens_per_sec')
-      if progress is not None:
-        progress.set_postfix(loss=f'{record["loss"]:.3f}',
-                             tok_s=f'{record.get("tokens_per_sec", 0):,.0f}', refresh=False)
-      window_start, window_steps = time.perf_counter(), 0
-    if eval_batches and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-      eval_loss = evaluate(setup, eval_step, state, eval_batches)
-      writer.write(step, {'loss': eval_loss}, split='eval')
-      summary['eval_loss'] = eval_loss
-      if summary['first_eval_loss'] is None:
-        summary['first_eval_loss'] = eval_loss
-      if progress is not None:
-        progress.write(f'step {step}: eval loss {eval_loss:.3f}')
-      window_start, window_steps = time.perf_counter(), 0
-    if progress is not None:
-      progress.update(1)
-    stop = stop_requested is not None and stop_requested(step)
-    if save is not None and (stop or step == t.steps
-                             or (t.checkpoint_every and step % t.checkpoint_every == 0)):
-      save(step, state)
-    if stop:
-      summary['stopped_at'] = step
-      break
-  if pending_skip is not None:
-    _count_skip(pending_skip, streak, summary, int(state['step']), t.max_nonfinite_steps)
+      _count_skip(pending_skip, streak, summary, int(state['step']), t.max_nonfinite_steps)
+  finally:
+    trace.close()
   return state, summary
 
 

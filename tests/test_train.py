@@ -22,7 +22,8 @@ def run_cli(*args, devices=1):
 
 def test_short_run_writes_metrics_and_tensorboard(tmp_path):
   workdir = tmp_path / 'run'
-  result = run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir), *SMALL)
+  result = run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir), *SMALL,
+                   '--config.train.profile_steps=1')
   assert result.returncode == 0, result.stderr[-2000:]
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train = [r for r in records if 'split' not in r]
@@ -37,6 +38,9 @@ def test_short_run_writes_metrics_and_tensorboard(tmp_path):
   assert len(train[-1]['max_load']) == 2 and min(train[-1]['max_load']) >= 1.0
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
   assert '--- sample ---' in result.stdout
+  assert 'active per token' in result.stdout  # the startup summary
+  # Step 2 was traced for TensorBoard's profile plugin.
+  assert list((workdir / 'plugins' / 'profile').glob('*/*.xplane.pb'))
 
 
 def expect_one_line_error(result, *fragments):
