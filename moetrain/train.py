@@ -145,13 +145,12 @@ def load_data(config, process_index: int, process_count: int, progress=None):
   from moetrain.data import pipeline
   tokenizer = load_tokenizer(config)
   t, progress = config.train, progress or {}
+  eval_batches = fixed_batches(config, tokenizer, 'eval', t.eval_batches, process_index,
+                               process_count) if t.eval_every else []
   if config.data.source == 'stdlib':
     train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
-    eval_rows = pipeline.pack(pipeline.tokenized_stdlib('eval', tokenizer), t.seq_len)
     train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
                                         process_count, start_row=progress.get('data_rows', 0))
-    eval_batches = pipeline.eval_batches(eval_rows, t.batch_size, t.eval_batches,
-                                         process_index, process_count) if t.eval_every else []
     return tokenizer, train_iter, eval_batches
   from moetrain.data import documents
   train_iter = pipeline.document_train_batches(
@@ -164,10 +163,21 @@ def load_data(config, process_index: int, process_count: int, progress=None):
                         f'processes; resume data.source={config.data.source} with as many '
                         f'(here: {process_count})')
     train_iter.set_state(states[process_index])
-  eval_batches = pipeline.document_eval_batches(
-      documents.documents_from_config(config.data, 'eval'), tokenizer, t.seq_len,
-      t.batch_size, t.eval_batches, process_index, process_count) if t.eval_every else []
   return tokenizer, train_iter, eval_batches
+
+
+def fixed_batches(config, tokenizer, split: str, num_batches: int, process_index: int = 0,
+                  process_count: int = 1) -> list:
+  """`num_batches` fixed batches spread over `split` (train | eval), this process's share."""
+  from moetrain.data import pipeline
+  t = config.train
+  if config.data.source == 'stdlib':
+    rows = pipeline.pack(pipeline.tokenized_stdlib(split, tokenizer), t.seq_len)
+    return pipeline.eval_batches(rows, t.batch_size, num_batches, process_index, process_count)
+  from moetrain.data import documents
+  return pipeline.document_eval_batches(
+      documents.documents_from_config(config.data, split), tokenizer, t.seq_len, t.batch_size,
+      num_batches, process_index, process_count)
 
 
 def data_position(config, train_iter, start_rows: int, steps_done: int) -> dict:

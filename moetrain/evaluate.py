@@ -1,0 +1,73 @@
+"""Loss and perplexity of a checkpoint on a split of its data.
+
+  python -m moetrain.evaluate --checkpoint DIR [--split eval|train] [--batches N]
+      [--config.data.source=jsonl --config.data.path=… (any field of the saved config)]
+
+Routing is dropless (as `moetrain.load`), so the result does not depend on how many tokens
+are evaluated together. Bad input prints one line and exits with status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+from moetrain.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise ConfigError(message)
+
+
+def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, overrides=()) -> dict:
+  """{'loss', 'perplexity', 'tokens', 'step'} of the newest checkpoint in `checkpoint_dir` on
+  `num_batches` (0: the config's `train.eval_batches`) fixed batches of `split`."""
+  import jax
+  from moetrain import checkpoint, config as config_lib, train, trainer
+  from moetrain.parallel.mesh import make_mesh
+  config = checkpoint.model_config(checkpoint_dir)
+  for flag in overrides:
+    config_lib.apply_override(config, flag)
+  config.model.moe.eval_capacity_factor = 0.0
+  config_lib.validate(config)
+  mesh = make_mesh(config)
+  setup = trainer.make_setup(config, mesh)
+  tokenizer = train.load_tokenizer(config)
+  batches = train.fixed_batches(config, tokenizer, split,
+                                num_batches or config.train.eval_batches,
+                                jax.process_index(), jax.process_count())
+  abstract = trainer.abstract_state(setup)
+  with jax.set_mesh(mesh):
+    params, buffers = checkpoint.restore_weights(checkpoint_dir, abstract['params'],
+                                                 abstract['buffers'], config)
+    loss = trainer.evaluate(setup, trainer.make_eval_step(setup),
+                            {'params': params, 'buffers': buffers}, batches)
+  tokens = sum(int((batch['targets'] != 0).sum()) for batch in batches)
+  return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = _Parser(prog='python -m moetrain.evaluate', description=__doc__.splitlines()[0])
+  parser.add_argument('--checkpoint', required=True, help='a training workdir or checkpoint')
+  parser.add_argument('--split', choices=('eval', 'train'), default='eval')
+  parser.add_argument('--batches', type=int, default=0,
+                      help='fixed batches spread over the split (default: train.eval_batches)')
+  try:
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [flag for flag in overrides if not flag.startswith('--config.')]
+    if unknown:
+      raise ConfigError(f'unknown flag {unknown[0].split("=")[0]}')
+    result = evaluate(args.checkpoint, args.split, args.batches, overrides)
+  except ConfigError as error:
+    print(f'moetrain: error: {error}', file=sys.stderr)
+    return 2
+  print(f'{args.checkpoint} on {args.split}: loss {result["loss"]:.4f}, perplexity '
+        f'{result["perplexity"]:.2f} over {result["tokens"]:,} tokens (this process)')
+  return 0
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.exit(main())
