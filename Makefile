@@ -19,6 +19,7 @@ $(STAMP): setup.py
 
 train: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/python -m moetrain.train --config configs/tiny.py --workdir $(WORKDIR)
+	$(VENV)/bin/python tools/plot_metrics.py $(WORKDIR)
 
 test: $(STAMP)
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -n auto tests

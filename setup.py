@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     'tensorflow-datasets==4.9.10',
     'importlib_resources==7.1.0',
     'pyarrow==26.0.1',
+    # tools/plot_metrics.py, and TensorBoard's expert-load images (tensorboardX encodes with PIL).
+    'matplotlib==3.11.2',
+    'pillow==13.0.0',
 ]
 
 EXTRAS_REQUIRE = {

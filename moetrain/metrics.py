@@ -1,5 +1,7 @@
-"""Training metrics: one JSON object per record in `metrics.jsonl`, and TensorBoard scalars."""
+"""Training metrics: one JSON object per record in `metrics.jsonl`, and TensorBoard scalars
+and expert-load heatmaps."""
 
+import collections
 import json
 import pathlib
 
@@ -26,11 +28,31 @@ def scalars(record: dict, prefix: str = ''):
         yield f'{prefix}{key}/' + '/'.join(map(str, index)), float(array[index])
 
 
+def load_image(history, cell: int = 8) -> np.ndarray:
+  """[steps, E] expert fractions → uint8 heatmap with experts as rows, logged steps as columns.
+
+  Rendered with numpy alone, so training needs no plotting library: values are scaled so the
+  largest share is white, and each cell is repeated `cell` pixels wide and high to be visible.
+  """
+  array = np.asarray(history, dtype=np.float64).T
+  peak = array.max()
+  scaled = array / peak if peak > 0 else np.zeros_like(array)
+  pixels = np.round(scaled * 255).astype(np.uint8)
+  return np.repeat(np.repeat(pixels, cell, axis=0), cell, axis=1)
+
+
 class MetricsWriter:
   """Appends records to `workdir/metrics.jsonl` and to TensorBoard event files.
 
-  Only one process of a multi-host run should write (`enabled=False` elsewhere).
+  Only one process of a multi-host run should write (`enabled=False` elsewhere). Train records
+  with `expert_fraction` also feed one `expert_load/layer{i}` image per MoE layer, added
+  every `IMAGE_EVERY` such records and at `close()`; an image is far larger than a scalar, so
+  writing one per record would swell the event file.
   """
+
+  IMAGE_EVERY = 20
+  # Logged steps kept for the heatmaps, so long runs keep a bounded image and memory.
+  IMAGE_HISTORY = 256
 
   def __init__(self, workdir: pathlib.Path, enabled: bool = True, resumed_at: int | None = None):
     """`resumed_at`: the step a run (re)starts from; records after it are dropped, as the run
@@ -44,6 +66,9 @@ class MetricsWriter:
         path.write_text(''.join(kept), encoding='utf-8')
       self.jsonl = open(path, 'a', encoding='utf-8')
       self.tensorboard = tensorboardX.SummaryWriter(str(workdir))
+    self.images = enabled
+    self.load_history = collections.deque(maxlen=self.IMAGE_HISTORY)
+    self.load_records, self.image_step = 0, None
 
   def write(self, step: int, record: dict, split: str = 'train') -> dict:
     """Writes `record` (device values allowed) for `step`; returns it as plain Python."""
@@ -55,10 +80,30 @@ class MetricsWriter:
       self.jsonl.flush()
       for tag, value in scalars(plain, prefix=f'{split}/'):
         self.tensorboard.add_scalar(tag, value, int(step))
+      if self.images and split == 'train' and 'expert_fraction' in plain:
+        self.load_history.append((plain['step'], plain['expert_fraction']))
+        self.load_records += 1
+        if self.load_records % self.IMAGE_EVERY == 0:
+          self.write_load_images()
       self.tensorboard.flush()
     return plain
 
+  def write_load_images(self):
+    """Adds the expert-load heatmap of each MoE layer at the latest logged step."""
+    step = self.load_history[-1][0] if self.load_history else None
+    if step is None or step == self.image_step:
+      return
+    fractions = np.asarray([f for _, f in self.load_history], dtype=np.float64)  # [T, L, E]
+    if fractions.ndim != 3:
+      return
+    for layer in range(fractions.shape[1]):
+      self.tensorboard.add_image(f'expert_load/layer{layer}', load_image(fractions[:, layer]),
+                                 step, dataformats='HW')
+    self.image_step = step
+
   def close(self):
     if self.enabled:
+      if self.images:
+        self.write_load_images()
       self.jsonl.close()
       self.tensorboard.close()
