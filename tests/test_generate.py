@@ -1,24 +1,30 @@
-"""Sampling: greedy decoding follows the model's argmax; expert choice cannot decode."""
+"""Sampling: cached decoding equals recomputing the whole prefix; top-p; the command line."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
+from moetrain import checkpoint, generate
 from moetrain import config as config_lib
-from moetrain import generate
 from moetrain.models.transformer import Transformer
 
 
-def model_config(router='softmax'):
+def model_config(router='softmax', attention='mha', scan=False):
   config = config_lib.default_config().model
-  config.vocab_size, config.d_model, config.num_layers, config.d_ff = 32, 16, 1, 32
+  config.vocab_size, config.d_model, config.num_layers, config.d_ff = 32, 16, 2, 32
   config.num_heads = config.num_kv_heads = 2
   config.moe.num_experts, config.moe.router = 4, router
+  config.attention, config.scan_layers = attention, scan
+  config.q_lora_rank, config.kv_lora_rank = 8, 8
+  config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim = 8, 4, 6
   return config
 
 
-def test_greedy_generation_follows_the_argmax():
-  model = Transformer(model_config(), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize('attention,scan', [('mha', False), ('mla', True)])
+def test_cached_greedy_generation_equals_recomputing_the_prefix(attention, scan):
+  model = Transformer(model_config(attention=attention, scan=scan), rngs=nnx.Rngs(0))
   graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
   prompt = [5, 9, 2]
   new = generate.generate(graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers),
@@ -27,6 +33,30 @@ def test_greedy_generation_follows_the_argmax():
   for _ in range(5):
     tokens.append(int(jnp.argmax(model(jnp.asarray([tokens]))[0, -1])))
   assert new == tokens[3:]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+  draws = {int(generate.choose(logits, jax.random.key(i), 1.0, 0.7)) for i in range(200)}
+  assert draws == {0, 1}  # 0.5 < 0.7 ≤ 0.5 + 0.3
+  assert {int(generate.choose(logits, jax.random.key(i), 1.0, 0.1)) for i in range(50)} == {0}
+
+
+def test_command_line_streams_a_continuation_and_refuses_bad_input(tmp_path, capsys):
+  config = config_lib.load('configs/tiny.py', ['--config.model.d_model=32',
+                                               '--config.model.d_ff=64',
+                                               '--config.model.num_layers=2'])
+  _, params, buffers = nnx.split(Transformer(config.model, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  pure = lambda state: jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  checkpoint.save_model(tmp_path / 'ckpt', pure(params), pure(buffers), config)
+  assert generate.main(['--checkpoint', str(tmp_path / 'ckpt'), '--prompt', 'def f(',
+                        '--max_tokens', '8', '--temperature', '0.8', '--top_p', '0.9']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith('def f(') and len(out) > len('def f(\n')
+  assert generate.main(['--checkpoint', str(tmp_path / 'ckpt'), '--prompt', 'x',
+                        '--max_tokens', '100000']) == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and 'max_seq_len' in error[0]
 
 
 def test_expert_choice_model_refuses_to_generate():

@@ -1,13 +1,12 @@
 """Causal self-attention: grouped-query heads, rotary embeddings, optional q/k/v biases and
 query/key RMSNorm (per head as in Qwen3, or over the whole projection as in OLMoE)."""
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from moetrain.models import rope
-from moetrain.models.layers import RMSNorm, param, same_segment, zeros
+from moetrain.models.layers import RMSNorm, attend, param, zeros
 
 
 class Attention(nnx.Module):
@@ -32,6 +31,11 @@ class Attention(nnx.Module):
     self.rope = (h, config.rope_theta, ml_collections.FrozenConfigDict(config.rope_scaling))
     self.dtype = jnp.dtype(config.dtype)
 
+  def cache_shapes(self, batch: int, length: int) -> tuple:
+    """Shapes of the cached keys and values for `batch` sequences of `length` positions."""
+    _, kv, h = self.wk.shape[-3:]
+    return (batch, length, kv, h), (batch, length, kv, h)
+
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum('bld,dnh->blnh', x_BxLxD, cast(self.wq))
@@ -47,6 +51,5 @@ class Attention(nnx.Module):
     inv_freq, factor = rope.frequencies(*self.rope)
     q = rope.rotate(q, positions_BxL, inv_freq, factor)
     k = rope.rotate(k, positions_BxL, inv_freq, factor)
-    out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=same_segment(segments_BxL),
-                                                is_causal=True)
+    out_BxLxNxH = attend(self, q, k, v, positions_BxL, segments_BxL)
     return jnp.einsum('blnh,nhd->bld', out_BxLxNxH, cast(self.wo))

@@ -22,6 +22,30 @@ def zeros(shape, logical_axes, config) -> nnx.Param:
                    eager_sharding=False)
 
 
+class KVCache(nnx.Variable):
+  """Keys or values of the positions decoded so far, slot i holding position i."""
+
+
+def attend(module, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL=None,
+           scale=None):
+  """Causal attention. With a cache on `module` (`init_cache`), this call's keys and values
+  are written at their positions and each query attends to every slot up to its position."""
+  if not hasattr(module, 'cache_k'):
+    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                        mask=same_segment(segments_BxL), is_causal=True,
+                                        scale=scale)
+  start = positions_BxL[0, 0]  # the rows of a decoding batch share positions
+  for name, new in (('cache_k', k_BxLxKxH), ('cache_v', v_BxLxKxH)):
+    cache = getattr(module, name)
+    cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new.astype(cache.dtype),
+                                                     start, axis=1)
+  keys, values = module.cache_k[...], module.cache_v[...]
+  mask_Bx1xLxS = jnp.arange(keys.shape[1]) <= positions_BxL[:, None, :, None]
+  return jax.nn.dot_product_attention(q_BxLxNxH, keys.astype(q_BxLxNxH.dtype),
+                                      values.astype(q_BxLxNxH.dtype), mask=mask_Bx1xLxS,
+                                      scale=scale)
+
+
 def same_segment(segments_BxL):
   """Attention mask [B, 1, L, L]: query and key in the same segment (None: no segments)."""
   if segments_BxL is None:

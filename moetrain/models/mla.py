@@ -6,13 +6,12 @@ rope part uses the GPT-NeoX pair layout; checkpoints in DeepSeek's interleaved l
 permuted on conversion, which leaves every attention score unchanged.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from moetrain.models import rope
-from moetrain.models.layers import RMSNorm, param, same_segment
+from moetrain.models.layers import RMSNorm, attend, param
 
 
 class LatentAttention(nnx.Module):
@@ -39,6 +38,12 @@ class LatentAttention(nnx.Module):
     self.scale = rope.softmax_scale(nope + rot, scaling)
     self.dtype = jnp.dtype(config.dtype)
 
+  def cache_shapes(self, batch: int, length: int) -> tuple:
+    """Shapes of the cached (per-head, expanded) keys and zero-padded values."""
+    nope, rot, _ = self.sizes
+    heads = self.wo.shape[-3]
+    return (batch, length, heads, nope + rot), (batch, length, heads, nope + rot)
+
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
     cast = lambda p: p[...].astype(self.dtype)
     nope, rot, v_dim = self.sizes
@@ -59,6 +64,5 @@ class LatentAttention(nnx.Module):
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rot, (*k_nope.shape[:3], rot))], axis=-1)
     # The fused attention wants one head width: values are zero-padded, the padding cut off.
     v = jnp.pad(v_BxLxNxV, ((0, 0),) * 3 + ((0, nope + rot - v_dim),))
-    out = jax.nn.dot_product_attention(q, k, v, mask=same_segment(segments_BxL),
-                                        is_causal=True, scale=self.scale)
+    out = attend(self, q, k, v, positions_BxL, segments_BxL, scale=self.scale)
     return jnp.einsum('blnv,nvd->bld', out[..., :v_dim], cast(self.wo))

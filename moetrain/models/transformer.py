@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moetrain.models.attention import Attention
-from moetrain.models.layers import RMSNorm, param
+from moetrain.models.layers import KVCache, RMSNorm, param
 from moetrain.models.mla import LatentAttention
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
@@ -15,6 +15,18 @@ from moetrain.parallel import sharding
 STAT_SHAPES = {'aux_loss': (), 'z_loss': (), 'expert_fraction': ('E',), 'max_load': (),
                'dropped_fraction': (), 'experts_per_token': (), 'router_entropy': (),
                'router_bias': ('E',)}
+
+
+def init_cache(model, batch: int, length: int) -> None:
+  """Gives every attention layer of `model` an empty key/value cache of `length` positions
+  (stacked like the layers' weights when they are scanned), for decoding token by token."""
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, (Attention, LatentAttention)):
+      stacked = module.wo.shape[:-3]
+      dtype = module.wo.dtype
+      k_shape, v_shape = module.cache_shapes(batch, length)
+      module.cache_k = KVCache(jnp.zeros(stacked + k_shape, dtype))
+      module.cache_v = KVCache(jnp.zeros(stacked + v_shape, dtype))
 
 
 def is_moe_layer(config, index: int) -> bool:
