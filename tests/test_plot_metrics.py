@@ -53,7 +53,9 @@ def test_plots_written(tmp_path, capsys):
   assert load_tool().main([str(tmp_path / 'run'), '--out', str(out)]) == 0
   names = ['loss.png', 'expert_load_layer0.png', 'expert_load_layer1.png',
            'dropped_fraction.png']
-  assert capsys.readouterr().out.split() == [str(out / name) for name in names]
+  printed = capsys.readouterr().out.splitlines()
+  assert [line.strip() for line in printed[1:-1]] == [str(out / name) for name in names]
+  assert printed[-1].endswith(f'tensorboard --logdir {tmp_path / "run"}')
   for name in names:
     with open(out / name, 'rb') as file:
       assert file.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -74,7 +76,8 @@ def test_dense_run(tmp_path, capsys):
               'dropped_fraction': []} for s in (1, 2)]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
   assert load_tool().main([str(tmp_path)]) == 0
-  assert capsys.readouterr().out.split() == [str(tmp_path / 'plots' / 'loss.png')]
+  printed = capsys.readouterr().out.splitlines()
+  assert [line.strip() for line in printed[1:-1]] == [str(tmp_path / 'plots' / 'loss.png')]
 
 
 @pytest.mark.parametrize('setup', ['missing', 'no_file', 'empty', 'garbage'])

@@ -163,8 +163,8 @@ def main(argv=None) -> int:
   except PlotError as error:
     print(f'plot_metrics: error: {error}', file=sys.stderr)
     return 2
-  for path in paths:
-    print(path)
+  print('plots:\n' + '\n'.join(f'  {path}' for path in paths))
+  print(f'TensorBoard (scalars, expert-load images, profiles): tensorboard --logdir {args.dir}')
   return 0
 
 
