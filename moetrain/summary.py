@@ -39,11 +39,12 @@ def parameter_counts(model_config) -> dict:
   return counts
 
 
-def flops_per_token(model_config, seq_len: int) -> float:
+def flops_per_token(model_config, seq_len: int, counts: dict | None = None) -> float:
   """Training FLOPs per token: 6 per active matmul weight (forward and backward) plus the
-  attention scores and weighted sums over `seq_len` keys (computed whole, causal or not)."""
+  attention scores and weighted sums over `seq_len` keys (computed whole, causal or not).
+  `counts`: `parameter_counts(model_config)` when already at hand."""
   m = model_config
-  counts = parameter_counts(m)
+  counts = counts or parameter_counts(m)
   matmul = counts['active'] - counts['embedding']
   if m.tie_embeddings:
     matmul += counts['embedding']  # the output layer reuses it
@@ -100,7 +101,7 @@ def describe(setup, abstract_state) -> list[str]:
       f' mesh {mesh}',
       f'parameters: {counts["total"]:,} total, {counts["active"]:,} active per token '
       f'({counts["embedding"]:,} in the token embedding)',
-      f'compute: {flops_per_token(m, t.seq_len):.3g} training FLOPs per token, '
+      f'compute: {flops_per_token(m, t.seq_len, counts):.3g} training FLOPs per token, '
       f'{t.batch_size * t.seq_len:,} tokens per step',
       f'memory per device (estimate): {_gib(memory["total"])} = params '
       f'{_gib(memory["params"])} + optimizer {_gib(memory["optimizer"])} + activations '
