@@ -5,6 +5,7 @@ overrides only what differs. Command-line overrides (`--config.model.top_k=4`) a
 top. `validate` runs before any device work and raises `ConfigError` naming the field.
 """
 
+import argparse
 import ast
 import importlib.util
 import math
@@ -15,6 +16,25 @@ import ml_collections
 
 class ConfigError(ValueError):
   """A bad config value, file or override; the message names the field or file."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are ConfigErrors, so every command line reports them as one line
+  and exits with status 2."""
+
+  def error(self, message):
+    raise ConfigError(message)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv):
+  """(parsed arguments, the `--config.<field>=<value>` overrides); ConfigError naming any
+  other unknown flag."""
+  args, rest = parser.parse_known_args(argv)
+  for flag in rest:
+    if not flag.startswith('--config.'):
+      raise ConfigError(f'unknown flag {flag.split("=")[0]} (overrides are '
+                        '--config.<field>=<value>)')
+  return args, rest
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -7,24 +7,20 @@ Routing is dropless (as `moetrain.load`), so the result does not depend on how m
 are evaluated together. Bad input prints one line and exits with status 2.
 """
 
-import argparse
 import math
 import os
 import sys
 
+from moetrain import config as config_lib
 from moetrain.config import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ConfigError(message)
 
 
 def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, overrides=()) -> dict:
   """{'loss', 'perplexity', 'tokens', 'step'} of the newest checkpoint in `checkpoint_dir` on
   `num_batches` (0: the config's `train.eval_batches`) fixed batches of `split`."""
   import jax
-  from moetrain import checkpoint, config as config_lib, train, trainer
+  from moetrain import checkpoint, train, trainer
+  from moetrain.data.tokenizer import PAD_ID
   from moetrain.parallel.mesh import make_mesh
   config = checkpoint.model_config(checkpoint_dir)
   for flag in overrides:
@@ -43,22 +39,19 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
                                                  abstract['buffers'], config)
     loss = trainer.evaluate(setup, trainer.make_eval_step(setup),
                             {'params': params, 'buffers': buffers}, batches)
-  tokens = sum(int((batch['targets'] != 0).sum()) for batch in batches)
+  tokens = sum(int((batch['targets'] != PAD_ID).sum()) for batch in batches)
   return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = _Parser(prog='python -m moetrain.evaluate', description=__doc__.splitlines()[0])
+  parser = config_lib.ArgumentParser(prog='python -m moetrain.evaluate', description=__doc__.splitlines()[0])
   parser.add_argument('--checkpoint', required=True, help='a training workdir or checkpoint')
   parser.add_argument('--split', choices=('eval', 'train'), default='eval')
   parser.add_argument('--batches', type=int, default=0,
                       help='fixed batches spread over the split (default: train.eval_batches)')
   try:
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [flag for flag in overrides if not flag.startswith('--config.')]
-    if unknown:
-      raise ConfigError(f'unknown flag {unknown[0].split("=")[0]}')
+    args, overrides = config_lib.parse_with_overrides(parser, argv)
     result = evaluate(args.checkpoint, args.split, args.batches, overrides)
   except ConfigError as error:
     print(f'moetrain: error: {error}', file=sys.stderr)

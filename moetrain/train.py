@@ -10,7 +10,6 @@ environment (as `launch/tpu_pod.sh` and `launch/gpu_slurm.sh` set it), from what
 on a TPU pod or in a SLURM job. Single-process runs initialise nothing.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -23,17 +22,12 @@ from moetrain.config import ConfigError
 SAMPLE_PROMPT = 'import os\n\n\ndef '
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ConfigError(message)
-
-
 DISTRIBUTED_ENV = 'MOETRAIN_DISTRIBUTED'
 _DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
 
 
 def _parser():
-  parser = _Parser(prog='python -m moetrain.train', description=__doc__.splitlines()[0])
+  parser = config_lib.ArgumentParser(prog='python -m moetrain.train', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='a configs/*.py file with get_config()')
   parser.add_argument('--workdir', required=True, help='metrics, logs and checkpoints go here')
   group = parser.add_argument_group('multi-process (all three together, or none)')
@@ -45,10 +39,7 @@ def _parser():
 
 def parse_command_line(argv, environ=None):
   """(--config path, --workdir, overrides, jax.distributed.initialize kwargs or None)."""
-  args, rest = _parser().parse_known_args(argv)
-  for flag in rest:
-    if not flag.startswith('--config.'):
-      raise ConfigError(f'unknown flag {flag.split("=")[0]} (overrides are --config.<field>=<v>)')
+  args, rest = config_lib.parse_with_overrides(_parser(), argv)
   distributed = distributed_options(args, os.environ if environ is None else environ)
   return args.config, args.workdir, rest, distributed
 

@@ -12,7 +12,6 @@ them with `moetrain.load(OUT_DIR)`. Bad input prints one line and exits with sta
 written nothing.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -20,12 +19,14 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ConfigError  # noqa: E402
+from moetrain.config import ArgumentParser, ConfigError  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(ArgumentParser):
+  """Names the (sub)command in its errors: several subcommands share argument names."""
+
   def error(self, message):
-    raise ConfigError(f'{self.prog}: {message}')
+    super().error(f'{self.prog}: {message}')
 
 
 def _parser():

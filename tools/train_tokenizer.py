@@ -10,7 +10,6 @@ that round trip on documents it did not train on, and writes the model atomicall
 prints one line and exits with status 2.
 """
 
-import argparse
 import pathlib
 import sys
 
@@ -18,11 +17,6 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from moetrain.config import ConfigError  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ConfigError(f'{self.prog}: {message}')
 
 
 def _documents(config, split):
@@ -37,7 +31,8 @@ def _documents(config, split):
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = _Parser(prog='train_tokenizer', description=__doc__.splitlines()[0])
+  from moetrain import config as config_lib
+  parser = config_lib.ArgumentParser(prog='train_tokenizer', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='a configs/*.py file (its data section)')
   parser.add_argument('--output', required=True, help='the .model file to write')
   parser.add_argument('--vocab_size', type=int, help='pieces (default: model.vocab_size)')
@@ -45,11 +40,7 @@ def main(argv=None) -> int:
   parser.add_argument('--max_documents', type=int, default=100_000,
                       help='train on at most this many documents, in a fixed random order')
   try:
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [flag for flag in overrides if not flag.startswith('--config.')]
-    if unknown:
-      raise ConfigError(f'unknown argument {unknown[0].split("=")[0]}')
-    from moetrain import config as config_lib
+    args, overrides = config_lib.parse_with_overrides(parser, argv)
     from moetrain.data import tokenizer as tokenizer_lib
     config = config_lib.load(args.config, overrides)
     vocab_size = args.vocab_size or config.model.vocab_size

@@ -9,7 +9,6 @@ import io
 import itertools
 import json
 import pathlib
-import sys
 
 import grain
 import numpy as np
@@ -160,11 +159,9 @@ def _rows_of_documents(documents: grain.MapDataset, tokenizer, seq_len: int,
 def process_documents(documents: grain.MapDataset, seed: int, process_index: int = 0,
                       process_count: int = 1) -> grain.MapDataset:
   """This process's endless share of the documents: positions p, p + n, … of one global order
-  (n processes). A finite source is shuffled by ``seed`` afresh every epoch; an endless one (a
-  mixture of sources that each reshuffle, see `documents`) is taken in its own order."""
-  if len(documents) < sys.maxsize:
-    documents = documents.shuffle(seed=seed).repeat(reseed_each_epoch=True)
-  return documents.slice(slice(process_index, None, process_count))
+  that is a fresh shuffle by ``seed`` every epoch (n processes)."""
+  return (documents.shuffle(seed=seed).repeat(reseed_each_epoch=True)
+          .slice(slice(process_index, None, process_count)))
 
 
 def document_train_batches(documents: grain.MapDataset, tokenizer, seq_len: int,
