@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moetrain import trainer
 from moetrain.models import layout
-from moetrain.trainer import build_model
 
 _EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
 # Bytes of activations kept per token, layer and unit of d_model for the backward pass, by
@@ -24,7 +24,7 @@ def parameter_counts(model_config) -> dict:
   experts, all the rest), and the token embedding's."""
   unscanned = model_config.copy_and_resolve_references()
   unscanned.scan_layers = False
-  state = jax.eval_shape(lambda: nnx.state(build_model(unscanned, 0), nnx.Param))
+  state = jax.eval_shape(lambda: nnx.state(trainer.build_model(unscanned, 0), nnx.Param))
   moe = model_config.moe
   counts = {'total': 0, 'active': 0, 'embedding': 0}
   for name, leaf in layout.flatten(nnx.to_pure_dict(state)).items():

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moetrain import hardware, summary as summary_lib
 from moetrain.data.packing import document_segments
 from moetrain.data.tokenizer import EOS_ID, PAD_ID
 from moetrain.models.transformer import STAT_SHAPES, Transformer
@@ -325,6 +326,10 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
   summary = {'first_loss': None, 'loss': None, 'eval_loss': None, 'first_eval_loss': None,
              'skipped_steps': 0, 'stopped_at': None}
   tokens_per_step = t.batch_size * t.seq_len
+  chip = hardware.chip_for_device(jax.devices()[0].device_kind)
+  # Model FLOPs per second of all devices over their datasheet peak, where the peak is known.
+  mfu_per_token = (summary_lib.flops_per_token(setup.config.model, t.seq_len)
+                   / (jax.device_count() * chip.peak_flops) if chip else None)
   start_step = int(state['step'])
   window_start, window_steps = time.perf_counter(), 0
   streak, pending_skip = 0, None
@@ -348,6 +353,8 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
         elapsed = time.perf_counter() - window_start
         if window_steps:
           metrics['tokens_per_sec'] = tokens_per_step * window_steps / elapsed
+          if mfu_per_token:
+            metrics['mfu'] = metrics['tokens_per_sec'] * mfu_per_token
         record = writer.write(step, metrics)
         summary['loss'], summary['tokens_per_sec'] = record['loss'], record.get('tokens_per_sec')
         if progress is not None:

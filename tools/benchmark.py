@@ -4,6 +4,9 @@
   python tools/benchmark.py checkpoint [--config configs/tiny.py] [--json out.json]
   python tools/benchmark.py convert [--config configs/tiny_mixtral.py] [--config.a.b=v …]
   python tools/benchmark.py input [--config configs/tiny.py] [--workers 0 1 2]
+  python tools/benchmark.py train [--config configs/tiny.py] [--config.a.b=v …]
+  python tools/benchmark.py model --config configs/mixtral_8x7b.py [--devices 8]
+      [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--config.a.b=v …]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
 dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -19,6 +22,16 @@ input: tokens/s of the document pipeline (read jsonl, tokenize on worker threads
 on the embedded corpus written out as jsonl, for several worker counts, next to the tokens/s
 the config's train step consumes on this machine: the pipeline must outpace the step.
 
+train: the config's whole train step on this machine: compile time, step time, tokens/s,
+training FLOPs per token counted from the config (attention included), and MFU where the
+device's peak is known (`moetrain.hardware`).
+
+model: the config's train step lowered and compiled for a mesh of CPU devices standing in for
+the target's (nothing big runs), read back with XLA's cost and memory analysis and its
+optimized HLO (`moetrain.cost_model`): FLOPs (loop trips counted), bytes accessed, bytes each
+device sends per collective kind, peak memory per device, and a roofline estimate of step time
+and MFU per chip.
+
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
 size, each direction's time and peak resident memory, also relative to a process that only
@@ -26,7 +39,6 @@ imports the same libraries. Tensors are read and written one at a time; Orbax's 
 converted weights still holds a second copy of them while it writes.
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -51,6 +63,8 @@ from moetrain import config as config_lib  # noqa: E402
 from moetrain.models import dispatch, routing  # noqa: E402
 from moetrain.parallel.mesh import make_mesh  # noqa: E402
 from moetrain.models.mlp import swiglu  # noqa: E402
+
+import step_benchmarks  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,25 +241,6 @@ def checkpoint_overhead(args):
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
 
 
-def _train_tokens_per_sec(config, repeats: int) -> float:
-  setup = trainer.make_setup(config, make_mesh(config))
-  t = config.train
-  tokens = np.random.default_rng(0).integers(4, config.model.vocab_size,
-                                             (t.batch_size, t.seq_len + 1))
-  local = {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
-  with jax.set_mesh(setup.mesh):
-    holder = {'state': trainer.init_state(setup)}
-    step, batch = trainer.make_train_step(setup), trainer.global_batch(setup, local)
-
-    def one_step():
-      holder['state'], metrics = step(holder['state'], batch)
-      return metrics
-    for _ in range(2):
-      _timed(one_step)
-    seconds = statistics.median(_timed(one_step) for _ in range(repeats))
-  return t.batch_size * t.seq_len / seconds
-
-
 def input_pipeline(args):
   """Document pipeline throughput against the train step's consumption."""
   from moetrain.data import documents, pipeline, sources
@@ -273,7 +268,9 @@ def input_pipeline(args):
       rate = args.batches * t.batch_size * t.seq_len / (time.perf_counter() - start)
       report['pipeline_tokens_per_sec'][workers] = rate
       print(f'  pipeline, {workers} worker thread(s): {rate:12,.0f} tokens/s')
-  report['train_tokens_per_sec'] = _train_tokens_per_sec(config, args.repeats)
+  t = config.train
+  step_s = step_benchmarks.measure_train_step(config, args.repeats)['step_s']
+  report['train_tokens_per_sec'] = t.batch_size * t.seq_len / step_s
   print(f'  train step consumes:             {report["train_tokens_per_sec"]:12,.0f} tokens/s')
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
@@ -336,8 +333,8 @@ def conversion_memory(args):
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  parser = config_lib.ArgumentParser(description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
   layer = commands.add_parser('moe-layer', help='MoE layer train step vs dense, per backend')
   layer.add_argument('--shapes', choices=sorted(SHAPES), default='small')
@@ -369,13 +366,19 @@ def main(argv=None):
   feed.add_argument('--json', help='also write the results to this JSON file')
   feed.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
   feed.set_defaults(run=input_pipeline)
-  args, unknown = parser.parse_known_args(argv)
-  if args.command in ('checkpoint', 'convert', 'input'):
-    args.overrides = args.overrides + unknown
-  elif unknown:
-    parser.error(f'unrecognized arguments: {" ".join(unknown)}')
-  args.run(args)
+  step_benchmarks.add_parsers(commands)
+  try:
+    args, overrides = config_lib.parse_with_overrides(parser, argv)
+    if args.command == 'moe-layer' and overrides:
+      raise config_lib.ConfigError(f'moe-layer takes no config overrides: {overrides[0]}')
+    if args.command != 'moe-layer':
+      args.overrides = args.overrides + overrides
+    args.run(args)
+  except config_lib.ConfigError as error:
+    print(f'benchmark: error: {error}', file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -1,0 +1,55 @@
+"""Accelerators the cost model and MFU know: peak bf16 FLOP/s, memory and link bandwidths.
+
+Figures are the vendors' datasheet numbers (dense bf16, no sparsity). A step that runs at the
+datasheet peak is 100% MFU; real kernels reach well under it (PERFORMANCE.md: ~690 TFLOP/s for
+a large bf16 matmul on an H100, 70% of its 989).
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bytes: float  # memory per chip
+  hbm_bandwidth: float  # bytes/s
+  link_bandwidth: float  # bytes/s one chip sends inside its fast domain (NVLink, ICI)
+  domain_size: int  # chips joined by those links (one HGX node; one TPU slice)
+  network_bandwidth: float  # bytes/s one chip sends to chips outside its domain
+  source: str
+
+
+CHIPS = {
+    'h100': Chip(
+        'NVIDIA H100 SXM5 80GB', peak_flops=989e12, hbm_bytes=80e9, hbm_bandwidth=3.35e12,
+        # NVLink 4: 900 GB/s per GPU counting both directions; one 400 Gb/s InfiniBand NIC
+        # per GPU between nodes.
+        link_bandwidth=450e9, domain_size=8, network_bandwidth=50e9,
+        source='NVIDIA H100 Tensor Core GPU datasheet (SXM5), DGX H100 user guide'),
+    'h200': Chip(
+        'NVIDIA H200 SXM 141GB', peak_flops=989e12, hbm_bytes=141e9, hbm_bandwidth=4.8e12,
+        link_bandwidth=450e9, domain_size=8, network_bandwidth=50e9,
+        source='NVIDIA H200 Tensor Core GPU datasheet (SXM)'),
+    'tpu-v5p': Chip(
+        'Google TPU v5p', peak_flops=459e12, hbm_bytes=95e9, hbm_bandwidth=2765e9,
+        # 4800 Gb/s of inter-chip interconnect per chip, all links of the 3D torus together;
+        # slices reach 8960 chips, so every collective inside a slice uses ICI.
+        link_bandwidth=600e9, domain_size=8960, network_bandwidth=25e9,
+        source='cloud.google.com/tpu/docs/v5p (system architecture: per-chip specifications)'),
+    'tpu-v5e': Chip(
+        'Google TPU v5e', peak_flops=197e12, hbm_bytes=16e9, hbm_bandwidth=819e9,
+        link_bandwidth=200e9, domain_size=256, network_bandwidth=25e9,
+        source='cloud.google.com/tpu/docs/v5e (system architecture: per-chip specifications)'),
+}
+
+# `jax.Device.device_kind` strings → CHIPS keys, for MFU of a running job.
+_DEVICE_KINDS = {'h100': 'h100', 'h200': 'h200', 'tpu v5p': 'tpu-v5p', 'tpu v5': 'tpu-v5p',
+                 'tpu v5 lite': 'tpu-v5e', 'tpu v5e': 'tpu-v5e'}
+
+
+def chip_for_device(device_kind: str) -> Chip | None:
+  """The chip a device kind names ('NVIDIA H100 80GB HBM3', 'TPU v5p', …); None if unknown."""
+  kind = device_kind.lower()
+  matches = [key for key in _DEVICE_KINDS if key in kind]
+  return CHIPS[_DEVICE_KINDS[max(matches, key=len)]] if matches else None

@@ -1,0 +1,170 @@
+"""The `train` and `model` modes of tools/benchmark.py: a config's whole train step, run here
+(`train`) or compiled for a target mesh and modelled (`model`, `moetrain.cost_model`)."""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from moetrain import config as config_lib
+from moetrain import cost_model, hardware, summary, trainer
+from moetrain.parallel.mesh import make_mesh
+
+
+def _random_batch(config) -> dict:
+  t = config.train
+  tokens = np.random.default_rng(0).integers(4, config.model.vocab_size,
+                                             (t.batch_size, t.seq_len + 1))
+  return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
+
+
+def measure_train_step(config, repeats: int) -> dict:
+  """Compile seconds and median step seconds of `config`'s train step on this machine."""
+  setup = trainer.make_setup(config, make_mesh(config))
+  with jax.set_mesh(setup.mesh):
+    state = trainer.init_state(setup)
+    batch = trainer.global_batch(setup, _random_batch(config))
+    start = time.perf_counter()
+    step = trainer.make_train_step(setup).lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    seconds = []
+    for index in range(repeats + 2):  # the first two warm up
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      if index >= 2:
+        seconds.append(time.perf_counter() - start)
+  return {'compile_s': compile_seconds, 'step_s': statistics.median(seconds)}
+
+
+def train(args) -> None:
+  config = config_lib.load(args.config, args.overrides)
+  m, t = config.model, config.train
+  device = jax.devices()[0]
+  chip = hardware.chip_for_device(device.device_kind)
+  flops_per_token = summary.flops_per_token(m, t.seq_len)
+  measured = measure_train_step(config, args.repeats)
+  tokens_per_s = t.batch_size * t.seq_len / measured['step_s']
+  achieved = tokens_per_s * flops_per_token / jax.device_count()
+  report = {'config': args.config, 'overrides': args.overrides, 'platform': device.platform,
+            'device': device.device_kind, 'devices': jax.device_count(),
+            'dtype': m.dtype, 'remat': t.remat, 'dispatch': m.moe.dispatch, **measured,
+            'tokens_per_s': tokens_per_s, 'flops_per_token': flops_per_token,
+            'model_flops_per_s_per_device': achieved,
+            'mfu': achieved / chip.peak_flops if chip else None}
+  print(f'{args.config} on {jax.device_count()} × {device.device_kind} ({m.dtype}, remat '
+        f'{t.remat}, dispatch {m.moe.dispatch}), median of {args.repeats} steps')
+  print(f'  compile          {measured["compile_s"]:10.1f} s')
+  print(f'  step             {1e3 * measured["step_s"]:10.1f} ms')
+  print(f'  tokens/s         {tokens_per_s:10,.0f}')
+  print(f'  FLOPs per token  {flops_per_token:10.3g} (6·active weights + attention)')
+  print(f'  model FLOP/s     {achieved:10.3g} per device')
+  mfu = 'n/a (no known peak for this device)' if chip is None else f'{100 * report["mfu"]:9.1f}%'
+  print(f'  MFU              {mfu}')
+  _write(args.json, report)
+
+
+def _with_mesh(config, spec: str):
+  for item in filter(None, (spec or '').split(',')):
+    axis, _, size = item.partition('=')
+    if axis not in config.mesh:
+      raise config_lib.ConfigError(f'--mesh: unknown axis {axis!r} (axes: '
+                                   f'{", ".join(config.mesh)})')
+    if not size.isdigit() or not int(size):
+      raise config_lib.ConfigError(f'--mesh: {axis}={size} must be a positive integer')
+    config.mesh[axis] = int(size)
+  return config
+
+
+def cpu_devices_needed(args) -> int:
+  config = _with_mesh(config_lib.load(args.config, args.overrides), args.mesh)
+  sizes = [config.mesh[axis] for axis in config.mesh]
+  if args.devices:
+    return args.devices
+  if -1 in sizes:
+    raise config_lib.ConfigError(f'--devices is needed: the mesh of {args.config} has an '
+                                 'axis of size -1')
+  return int(np.prod(sizes))
+
+
+def ensure_cpu_devices(count: int) -> None:
+  """Restarts this process with `count` CPU devices unless it has them (XLA reads the flag
+  once, before its first use)."""
+  if jax.default_backend() == 'cpu' and jax.device_count() == count:
+    return
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={count}']))
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def model(args) -> None:
+  ensure_cpu_devices(cpu_devices_needed(args))
+  config = _with_mesh(config_lib.load(args.config, args.overrides), args.mesh)
+  print(f'{args.config}: compiling the train step for {jax.device_count()} CPU devices '
+        'standing in for the target …', flush=True)
+  cost = cost_model.step_cost(config)
+  hand = cost_model.hand_flops(config)
+  rows = [cost_model.roofline(cost, hand['model'], hardware.CHIPS[name]) for name in args.chips]
+  mesh = ' '.join(f'{a}={s}' for a, s in cost.mesh.items())
+  memory, estimate = cost.xla_memory, cost.estimated_memory
+  gib = lambda value: f'{value / 2**30:.1f} GiB'
+  print(f'mesh {mesh}; compiled in {cost.compile_seconds:.0f} s; {cost.tokens:,} tokens per '
+        f'step; model FLOPs {hand["model"]:.3g} per step (6·active weights·tokens + attention)')
+  print('per device and step:')
+  print(f'  FLOPs            {cost.flops:.3g} (XLA cost analysis {cost.xla_flops:.3g} with loop '
+        f'bodies once; × devices / hand count of hardware FLOPs = '
+        f'{cost_model.flops_ratio(cost, hand):.3f})')
+  print(f'  bytes accessed   {cost.bytes_accessed:.3g} by XLA:CPU (with loop trips; XLA counts '
+        f'{cost.xla_bytes_accessed:.3g}); an accelerator moves at least '
+        f'{cost.minimum_traffic:.3g}')
+  for kind, sent in sorted(cost.collective_bytes.items()):
+    print(f'  {kind:<16} {gib(sent)} sent (groups of up to {cost.collective_groups[kind]})')
+  print(f'  memory (XLA:CPU) peak {gib(memory["peak"])}: arguments {gib(memory["argument"])}, '
+        f'temporaries {gib(memory["temp"])} (float32 dot temporaries on CPU)')
+  print(f'  memory estimate  {gib(estimate["total"])} = params {gib(estimate["params"])} + '
+        f'optimizer {gib(estimate["optimizer"])} + activations {gib(estimate["activations"])}')
+  header = (f'{"chip":<24} {"step s":>8} {"overlap s":>9} {"MFU":>6} {"tokens/s":>12} '
+            f'{"compute s":>9} {"HBM s":>7} {"comm s":>7} fits')
+  print(header)
+  print('-' * len(header))
+  for row in rows:
+    print(f'{row["chip"]:<24} {row["step_s"]:8.3f} {row["overlapped_step_s"]:9.3f} '
+          f'{100 * row["mfu"]:5.1f}% {row["tokens_per_s"]:12,.0f} {row["compute_s"]:9.3f} '
+          f'{row["memory_s"]:7.3f} {sum(row["collective_s"].values()):7.3f} '
+          f'{"yes" if row["fits"] else "NO"}')
+  _write(args.json, {'config': args.config, 'overrides': args.overrides, 'mesh': cost.mesh,
+                     'hand_flops': hand, **{k: v for k, v in vars(cost).items() if k != 'mesh'},
+                     'roofline': rows})
+
+
+def _write(path, report) -> None:
+  if path:
+    pathlib.Path(path).write_text(json.dumps(report, indent=2, default=str) + '\n')
+
+
+def add_parsers(commands) -> None:
+  """Adds the `train` and `model` subcommands to benchmark.py's parser."""
+  run = commands.add_parser('train', help="a config's train step: compile, step time, MFU")
+  run.add_argument('--config', default='configs/tiny.py')
+  run.add_argument('--repeats', type=int, default=10)
+  run.add_argument('--json', help='also write the results to this JSON file')
+  run.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  run.set_defaults(run=train)
+  plan = commands.add_parser('model', help='compile for a target mesh; FLOPs, bytes, '
+                             'collectives, memory and a roofline per chip')
+  plan.add_argument('--config', required=True)
+  plan.add_argument('--mesh', default='', help='axis sizes, e.g. expert=8,fsdp=16')
+  plan.add_argument('--devices', type=int, default=0,
+                    help='number of devices (needed when a mesh axis is -1)')
+  plan.add_argument('--chips', nargs='+', choices=sorted(hardware.CHIPS),
+                    default=['h100', 'tpu-v5p'])
+  plan.add_argument('--json', help='also write the results to this JSON file')
+  plan.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  plan.set_defaults(run=model)
