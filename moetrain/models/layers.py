@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moetrain.models import fused_attention
+
 
 def param(rngs: nnx.Rngs, shape, logical_axes, config, std=None) -> nnx.Param:
   """A normally initialised parameter carrying its logical axis names.
@@ -28,12 +30,11 @@ class KVCache(nnx.Variable):
 
 def attend(module, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL=None,
            scale=None):
-  """Causal attention. With a cache on `module` (`init_cache`), this call's keys and values
+  """Causal attention, by a fused kernel where the platform has one that fits (see
+  `fused_attention`). With a cache on `module` (`init_cache`), this call's keys and values
   are written at their positions and each query attends to every slot up to its position."""
   if not hasattr(module, 'cache_k'):
-    return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                        mask=same_segment(segments_BxL), is_causal=True,
-                                        scale=scale)
+    return fused_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale)
   start = positions_BxL[0, 0]  # the rows of a decoding batch share positions
   for name, new in (('cache_k', k_BxLxKxH), ('cache_v', v_BxLxKxH)):
     cache = getattr(module, name)
@@ -41,16 +42,10 @@ def attend(module, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL=
                                                      start, axis=1)
   keys, values = module.cache_k[...], module.cache_v[...]
   mask_Bx1xLxS = jnp.arange(keys.shape[1]) <= positions_BxL[:, None, :, None]
+  # XLA: the slots a query sees follow its position, a mask neither fused kernel takes.
   return jax.nn.dot_product_attention(q_BxLxNxH, keys.astype(q_BxLxNxH.dtype),
                                       values.astype(q_BxLxNxH.dtype), mask=mask_Bx1xLxS,
-                                      scale=scale)
-
-
-def same_segment(segments_BxL):
-  """Attention mask [B, 1, L, L]: query and key in the same segment (None: no segments)."""
-  if segments_BxL is None:
-    return None
-  return segments_BxL[:, None, :, None] == segments_BxL[:, None, None, :]
+                                      scale=scale, implementation='xla')
 
 
 class RMSNorm(nnx.Module):
