@@ -130,6 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.sample_tokens = 0  # tokens sampled from the model after training; 0 disables
   t.microbatches = 1  # gradient accumulation: the batch runs as this many microbatches
   t.remat = 'none'  # per-block rematerialisation: none | full | save_dots (keep matmul outputs)
+  t.document_mask = True  # packed documents attend only within themselves; False: across the
+  #                         whole row, which GPUs can run with cuDNN's fused attention
   t.checkpoint_every = 1000  # steps between (asynchronous) checkpoints; 0: only at the end
   t.keep_checkpoints = 3  # the latest checkpoints kept; older ones are deleted
   t.permanent_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none

@@ -122,15 +122,18 @@ def abstract_state(setup: Setup) -> dict:
                       shapes, setup.state_shardings)
 
 
-def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None):
+def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None,
+                     document_mask=True):
   """Cross-entropy over non-padding targets plus the weighted router losses.
 
-  The documents packed into a row attend only within themselves (segments and positions from
-  their end-of-document tokens, `data.packing`). Returns (objective, metrics); `loss` in
-  metrics is the cross-entropy alone.
+  With `document_mask` the documents packed into a row attend only within themselves, each
+  from position 0 (segments and positions from their end-of-document tokens, `data.packing`);
+  without it every token attends to the whole row before it. Returns (objective, metrics);
+  `loss` in metrics is the cross-entropy alone.
   """
   inputs_BxL, targets_BxL = batch['inputs'], batch['targets']
-  segments_BxL, positions_BxL = document_segments(inputs_BxL, EOS_ID)
+  segments_BxL, positions_BxL = (document_segments(inputs_BxL, EOS_ID) if document_mask
+                                 else (None, None))
   logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor,
                                       train=train, rng=rng, segments_BxL=segments_BxL,
                                       positions_BxL=positions_BxL)
@@ -161,7 +164,8 @@ def gradients(setup: Setup, params, buffers, batch, rng):
   def objective(params):
     model = nnx.merge(setup.graphdef, params, buffers)
     loss, metrics = loss_and_metrics(model, batch, model_config,
-                                     model_config.moe.capacity_factor, train=True, rng=rng)
+                                     model_config.moe.capacity_factor, train=True, rng=rng,
+                                     document_mask=setup.config.train.document_mask)
     return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
   if k == 1:
     grads, (metrics, new_buffers) = jax.grad(objective, has_aux=True)(params)
@@ -198,7 +202,7 @@ def _accumulated_gradients(setup: Setup, params, buffers, batch, rng, k: int):
   def objective(params, buffers, mb, mb_rng):
     model = nnx.merge(setup.graphdef, params, buffers)
     _, metrics = loss_and_metrics(model, mb, model_config, moe.capacity_factor, train=True,
-                                  rng=mb_rng)
+                                  rng=mb_rng, document_mask=setup.config.train.document_mask)
     # Shares of the whole batch: CE and z over its tokens, aux as a mean over microbatches.
     ce = metrics['loss'] * metrics['tokens'] / targets
     z_layers = metrics['z_loss_per_layer'] * (mb['inputs'] != PAD_ID).sum() / routed
@@ -258,7 +262,8 @@ def make_eval_step(setup: Setup):
   def eval_step(params, buffers, batch):
     model = nnx.merge(setup.graphdef, params, buffers)
     _, metrics = loss_and_metrics(model, batch, model_config,
-                                  model_config.moe.eval_capacity_factor)
+                                  model_config.moe.eval_capacity_factor,
+                                  document_mask=setup.config.train.document_mask)
     return metrics['loss'] * metrics['tokens'], metrics['tokens']
 
   batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}

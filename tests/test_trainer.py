@@ -2,10 +2,13 @@
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moetrain import config as config_lib
 from moetrain import trainer
+from moetrain.data.tokenizer import EOS_ID
 from moetrain.parallel.mesh import make_mesh
 from tests.steps import first_gradients, random_batch
 
@@ -70,3 +73,20 @@ def test_learning_rate_schedule_warms_up_then_decays():
   np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 1e-3, rtol=1e-5)
   assert float(schedule(50)) < float(schedule(20))
+
+
+def test_without_the_document_mask_tokens_attend_across_the_row():
+  """train.document_mask=False (what cuDNN's fused attention can run): the loss is that of the
+  plain forward pass over the whole row, end-of-document tokens and all."""
+  config = small_config()
+  model = trainer.build_model(config.model, 0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, config.model.vocab_size, (2, 17)).astype(np.int32)
+  tokens[:, 6] = EOS_ID  # a second document starts in every row
+  batch = {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:])}
+  plain = optax.softmax_cross_entropy_with_integer_labels(model(batch['inputs']),
+                                                          batch['targets']).mean()
+  loss = lambda mask: trainer.loss_and_metrics(model, batch, config.model, 0.0,
+                                               document_mask=mask)[1]['loss']
+  np.testing.assert_allclose(loss(False), plain, rtol=1e-6)
+  assert abs(float(loss(True)) - float(plain)) > 1e-4
