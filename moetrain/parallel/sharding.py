@@ -13,7 +13,10 @@ from moetrain.parallel.mesh import BATCH_AXES
 RULES = {
     'batch': BATCH_AXES,
     'vocab': 'tensor',
-    'embed': 'fsdp',
+    # Expert-parallel ranks hold different data, so for every weight that is not an expert's
+    # they are FSDP ranks too; an expert's `embed` takes only 'fsdp' (its 'expert' axis is
+    # split by expert already).
+    'embed': ('fsdp', 'expert'),
     'mlp': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
@@ -27,10 +30,17 @@ RULES = {
 
 
 def logical_to_spec(logical_axes) -> PartitionSpec:
-  """Maps a tuple of logical axis names (None = replicated) to a mesh PartitionSpec."""
+  """Maps a tuple of logical axis names (None = replicated) to a mesh PartitionSpec; a mesh
+  axis already used by an earlier dimension is left out of later ones."""
   if not logical_axes:
     return PartitionSpec()
-  return PartitionSpec(*(RULES[name] if name else None for name in logical_axes))
+  used, spec = set(), []
+  for name in logical_axes:
+    rule = RULES[name] if name else None
+    axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return PartitionSpec(*spec)
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh):

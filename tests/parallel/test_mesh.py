@@ -43,8 +43,12 @@ def test_layout_checks_name_the_fields():
 
 
 def test_rules_map_logical_axes_to_mesh_axes():
+  # An expert's weights split over 'expert' by expert; every other weight's `embed` is
+  # FSDP-split over the expert ranks too, as they hold different data.
   assert sharding.logical_to_spec(('expert', 'embed', 'mlp')) == P('expert', 'fsdp', 'tensor')
-  assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', 'fsdp')
+  assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', ('fsdp', 'expert'))
+  assert sharding.logical_to_spec(('embed', 'heads', 'head_dim')) == P(('fsdp', 'expert'),
+                                                                       'tensor', None)
   assert sharding.logical_to_spec(None) == P()
 
 
@@ -79,8 +83,10 @@ def total_bytes(tree):
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def test_fsdp_shards_parameters_and_optimizer_state_eightfold():
-  config = tiny('--config.mesh.data=1', '--config.mesh.fsdp=8')
+@pytest.mark.parametrize('axis', ['fsdp', 'expert'])
+def test_fsdp_or_expert_axis_shards_parameters_and_optimizer_state_eightfold(axis):
+  """Expert ranks split the experts and, as FSDP ranks, every other weight."""
+  config = tiny('--config.mesh.data=1', f'--config.mesh.{axis}=8')
   state = initial_state(config)
   for part in ('params', 'opt_state'):
     share = device_bytes(state[part], jax.devices()[0]) / total_bytes(state[part])
