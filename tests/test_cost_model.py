@@ -61,11 +61,11 @@ def test_memory_per_device_shrinks_with_fsdp_and_expert_sharding():
   alone = cost('e64k8', 1)
   fsdp = cost('e64k8', 8, '--config.mesh.data=1', '--config.mesh.fsdp=8')
   expert = cost('e64k8', 8, '--config.mesh.data=1', '--config.mesh.expert=8')
-  # The state (params and optimizer moments) is the step's argument: 1/8 of it with FSDP...
-  assert fsdp.xla_memory['argument'] == pytest.approx(alone.xla_memory['argument'] / 8, rel=0.05)
-  # ...and with 8-way expert parallelism the 64 experts' share of it (most) shrinks 8-fold.
-  assert alone.xla_memory['argument'] / 8 < expert.xla_memory['argument'] \
-      < alone.xla_memory['argument'] / 3
+  # The state (params and optimizer moments) is the step's argument: each device holds 1/8 of
+  # it, split along embed by FSDP, by expert and along embed by expert parallelism.
+  for sharded in (fsdp, expert):
+    assert sharded.xla_memory['argument'] == pytest.approx(alone.xla_memory['argument'] / 8,
+                                                           rel=0.05)
   for sharded in (fsdp, expert):
     assert sharded.xla_memory['peak'] < alone.xla_memory['peak'] / 2
     assert sharded.estimated_memory['total'] < alone.estimated_memory['total'] / 2
