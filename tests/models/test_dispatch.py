@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 from reference_moe import moe_loop_reference, token_choice_loop_reference
 
 from moetrain.models import dispatch, routing
@@ -82,6 +83,15 @@ def package_grads(params, mask, **settings):
   return {backend: grad_fn(params, mask, backend, **settings) for backend in dispatch.BACKENDS}
 
 
+def assert_capacity_equals_einsum(results, names):
+  """The gather path's outputs and gradients against the one-hot einsum reference's."""
+  (grads, (y, _)), (grads_ref, (y_ref, _)) = results['capacity'], results['einsum']
+  np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg='capacity vs einsum')
+  for n in names:
+    np.testing.assert_allclose(grads[n], grads_ref[n], rtol=RTOL, atol=ATOL,
+                               err_msg=f'capacity vs einsum d{n}')
+
+
 def reference_forward(params, mask, settings, priority=False):
   weights = (params[n] for n in PARAM_NAMES[1:])
   return moe_loop_reference(params['x'], mask, *weights, **settings, priority=priority)
@@ -115,7 +125,9 @@ def test_moe_ffn_matches_loop_reference_outputs_and_gradients(name):
     assert info['dropped_fraction'] > 0.0
 
   params = case_data(name)[0]
-  for backend, (grads, (y, aux)) in package_grads(params, mask, **settings).items():
+  results = package_grads(params, mask, **settings)
+  assert_capacity_equals_einsum(results, PARAM_NAMES)
+  for backend, (grads, (y, aux)) in results.items():
     # Dropless equals the reference with capacity T.
     y_ref, info, grads_ref = reference_results(name, tokens if backend == 'dropless' else capacity)
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=backend)
@@ -159,6 +171,29 @@ def test_assign_slots_drops_exactly_what_reference_drops(name, policy):
       kept_slots = sorted(slots[g][kept[g] & (experts[g] == e)])
       assert kept_slots == list(range(len(kept_slots)))  # distinct, packed from 0
       assert len(kept_slots) <= settings['capacity']
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def slots_both_ways(experts, real, num_experts):
+  return (dispatch._onehot_position_slots(experts, real, num_experts),
+          dispatch._sorted_position_slots(experts, real, num_experts))
+
+
+@pytest.mark.parametrize('E', [4, dispatch.SORT_SLOTS_MIN_EXPERTS + 3])
+def test_sorted_and_onehot_slot_assignment_agree(E):
+  # Three popular choices (maybe the null expert, index E), so that slots run past the mean
+  # load; null experts and padding take no slot.
+  G, T, k = 2, 40, 3
+  rng = np.random.default_rng(E)
+  popularity = np.ones(E + 1)
+  popularity[rng.choice(E + 1, size=3, replace=False)] = 10.0  # maybe the null expert too
+  experts = np.stack([rng.choice(E + 1, size=k, replace=False, p=popularity / popularity.sum())
+                      for _ in range(G * T)]).reshape(G, T, k)
+  real = (rng.uniform(size=(G, T, 1)) > 0.2) & (experts < E)
+  onehot, by_sort = map(np.asarray, slots_both_ways(jnp.asarray(experts, jnp.int32),
+                                                    jnp.asarray(real), E))
+  np.testing.assert_array_equal(by_sort, onehot)
+  assert onehot.max() >= T * k // E and not onehot[~real].any()
 
 
 def test_priority_serves_first_choices_by_priority_then_second_choices():
@@ -271,8 +306,9 @@ def test_token_choice_ffn_matches_loop_reference_outputs_and_gradients(name):
   assert references[capacity][1]['dropped'] and not references[tokens][1]['dropped']
   assert (real & null).any()
 
-  for backend, (grads, (y, kept)) in token_choice_grads(params, experts, mask, priority,
-                                                          capacity).items():
+  results = token_choice_grads(params, experts, mask, priority, capacity)
+  assert_capacity_equals_einsum(results, TOKEN_CHOICE_PARAMS)
+  for backend, (grads, (y, kept)) in results.items():
     y_ref, info, grads_ref = references[tokens if backend == 'dropless' else capacity]
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL, err_msg=backend)
     for n in TOKEN_CHOICE_PARAMS:
@@ -290,6 +326,40 @@ def test_token_choice_ffn_matches_loop_reference_outputs_and_gradients(name):
     assert np.all(np.asarray(y)[unserved] == 0.0), backend
     if name == 'k1_null_priority_pad':  # some real tokens chose only the null expert
       assert (unserved & real[..., 0] & null[..., 0]).any()
+
+
+def float_scatters(jaxpr):
+  """Names of the scatter equations with a float output anywhere in a (closed) jaxpr."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if 'scatter' in eqn.primitive.name and any(
+        jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars):
+      found.append(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax_core.ClosedJaxpr):
+          found += float_scatters(sub.jaxpr)
+        elif isinstance(sub, jax_core.Jaxpr):
+          found += float_scatters(sub)
+  return found
+
+
+def test_capacity_forward_and_backward_move_token_vectors_by_gathers_only():
+  params, experts, mask, priority, capacity = token_choice_data('k2_null_position_pad')
+
+  def loss(params, backend):
+    y, _ = dispatch.token_choice_ffn(
+        params['x'], experts, params['weights'], mask, params['w_gate'], params['w_up'],
+        params['w_down'], capacity=capacity, backend=backend, priority_GxT=priority)
+    return jnp.sum(y * cotangent(y))
+
+  # Only the int slot table is scattered.
+  grad_jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, 'capacity')
+  assert float_scatters(grad_jaxpr.jaxpr) == []
+  # The check does see scatters: the slot-table path's combine scatter-adds.
+  tokens = jnp.full((2, 3, 2), 1, jnp.int32)
+  combine_slots = lambda y: dispatch.combine_slots(y, tokens, jnp.ones((2, 3, 2)), 4)
+  assert float_scatters(jax.make_jaxpr(combine_slots)(jnp.ones((2, 3, 2, 5))).jaxpr)
 
 
 def random_routing(seed, G=2, T=7, D=3, E=4, k=2, capacity=3):
