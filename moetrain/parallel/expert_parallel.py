@@ -13,7 +13,6 @@ Dropless routing sends every owner exactly the rows of its experts instead
 """
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moetrain.models import dispatch
@@ -46,9 +45,7 @@ def exchanged_swiglu(x_GxExCxD: jax.Array, w_gate_LxDxF: jax.Array, w_up_LxDxF: 
   w_gate = gather_fsdp(w_gate_LxDxF, axis=1).astype(dtype)
   w_up = gather_fsdp(w_up_LxDxF, axis=1).astype(dtype)
   w_down = gather_fsdp(w_down_LxFxD, axis=2).astype(dtype)
-  gate_NxLxCxF = jnp.einsum('nlcd,ldf->nlcf', x_NxLxCxD, w_gate)
-  up_NxLxCxF = jnp.einsum('nlcd,ldf->nlcf', x_NxLxCxD, w_up)
-  partial_NxLxCxD = jnp.einsum('nlcf,lfd->nlcd', jax.nn.silu(gate_NxLxCxF) * up_NxLxCxF, w_down)
+  partial_NxLxCxD = dispatch.expert_swiglu(x_NxLxCxD, w_gate, w_up, w_down)
   # Each 'tensor' rank holds a slice of the hidden units: their contributions add up.
   y_NxLxCxD = jax.lax.psum(partial_NxLxCxD, 'tensor')
   return jax.lax.all_to_all(y_NxLxCxD, 'expert', 0, 1, tiled=True)
