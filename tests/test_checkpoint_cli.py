@@ -55,6 +55,14 @@ def wait_for_step(workdir, process, step):
     time.sleep(0.05)
 
 
+def wait_for_a_checkpoint(workdir, process):
+  """Until one save has landed (Orbax renames a finished save to its bare step number)."""
+  directory = pathlib.Path(checkpoint.directory(workdir))
+  while not (directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())):
+    assert process.poll() is None, process.communicate()
+    time.sleep(0.05)
+
+
 def final_params(workdir, step):
   manager = checkpoint.manager(checkpoint.directory(workdir), read_only=True)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -71,6 +79,8 @@ def test_killed_three_times_the_run_equals_an_uninterrupted_one(tmp_path):
   for kill_step in kill_steps:
     process = start(workdir, steps)
     wait_for_step(workdir, process, kill_step)
+    if kill_step == kill_steps[-1]:  # so the last run has a checkpoint to resume from
+      wait_for_a_checkpoint(workdir, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
   code, _, stderr = train(workdir, steps)
