@@ -90,3 +90,38 @@ def test_without_the_document_mask_tokens_attend_across_the_row():
                                                document_mask=mask)[1]['loss']
   np.testing.assert_allclose(loss(False), plain, rtol=1e-6)
   assert abs(float(loss(True)) - float(plain)) > 1e-4
+
+
+def _dot_dtypes(jaxpr, found):
+  """(operand dtype, output dtype, output shape) of every dot_general, nested jaxprs too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append((eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype,
+                    eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          _dot_dtypes(inner, found)
+  return found
+
+
+def test_bfloat16_step_routes_and_scores_in_float32_and_donates_the_state():
+  """model.dtype=bfloat16: the matmuls run in bf16; router logits and the loss in float32;
+  the old state's buffers are given to the new one."""
+  config = small_config('--config.model.dtype=bfloat16')
+  setup = trainer.make_setup(config, make_mesh(config, jax.devices()[:1]))
+  with jax.set_mesh(setup.mesh):
+    state = trainer.init_state(setup)
+    batch = trainer.global_batch(setup, batch_for(config))
+    step = trainer.make_train_step(setup)
+    dots = _dot_dtypes(jax.make_jaxpr(step)(state, batch).jaxpr, [])
+    experts = config.model.moe.num_experts
+    assert any(a == jnp.bfloat16 and out == jnp.bfloat16 for a, out, _ in dots)
+    router_dots = [(a, out) for a, out, shape in dots if shape[-1] == experts]
+    assert router_dots and all(out == jnp.float32 for _, out in router_dots)
+    old_leaves = jax.tree.leaves(state['params'])
+    new_state, metrics = step(state, batch)
+    assert metrics['loss'].dtype == jnp.float32 and np.isfinite(metrics['loss'])
+    assert all(leaf.is_deleted() for leaf in old_leaves)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state['params']))
