@@ -114,7 +114,7 @@ def step_cost(config, devices=None) -> StepCost:
                       - stats.bytes_accessed_once),
       collective_bytes=sent, collective_groups=largest, collectives_in_domain=in_domain,
       xla_memory=xla_memory,
-      estimated_memory=summary.memory_per_device(setup, trainer.abstract_state(setup)))
+      estimated_memory=summary.memory_per_device(setup, state))
 
 
 def hand_flops(config) -> dict:
