@@ -142,14 +142,9 @@ def hand_flops(config) -> dict:
   if t.remat == 'full':  # every block's forward (a third of its train FLOPs) runs twice
     hardware_flops += (hardware_flops - output_layer) / 3
   elif t.remat == 'save_dots':  # dots with batch dimensions (attention, experts) rerun
-    attention = model_flops - 6.0 * _matmul_weights(counts, m) * tokens
+    attention = model_flops - 6.0 * summary.matmul_weights(m, counts) * tokens
     hardware_flops += (attention + slots) / 3
   return {'model': model_flops, 'hardware': hardware_flops}
-
-
-def _matmul_weights(counts, model_config) -> float:
-  weights = counts['active'] - counts['embedding']
-  return weights + (counts['embedding'] if model_config.tie_embeddings else 0)
 
 
 def all_to_all_bytes(config, expert_parallel: int, batch_shards: int) -> float:

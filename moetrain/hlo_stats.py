@@ -152,7 +152,7 @@ def parse(hlo_text: str) -> tuple[dict[str, Computation], str, dict]:
 _SLICES = ('dynamic-slice', 'slice', 'gather')
 
 
-def _parameter_reads(computation: Computation, shapes: dict) -> list[float | None]:
+def _parameter_reads(computation: Computation) -> list[float | None]:
   """Bytes a fused computation reads of each parameter: only the slices taken where every
   use is a slice, nothing where it is updated in place, else None (all of it)."""
   reads = []
@@ -196,7 +196,7 @@ def _bytes_accessed(instruction: Instruction, computations: dict, shapes: dict) 
   reads = [None] * len(operands)
   callee = computations.get(instruction.callee)
   if callee is not None:
-    reads = _parameter_reads(callee, shapes)
+    reads = _parameter_reads(callee)
     written = _in_place_write(callee, shapes) or written
   return written + sum(_bytes([array]) if read is None else read
                        for array, read in zip(operands, reads) if array)

@@ -39,15 +39,20 @@ def parameter_counts(model_config) -> dict:
   return counts
 
 
+def matmul_weights(model_config, counts: dict) -> int:
+  """Weights one token multiplies by: the active ones but the embedding lookup, plus the
+  output layer when it is the tied embedding. `counts`: `parameter_counts(model_config)`."""
+  matmul = counts['active'] - counts['embedding']
+  return matmul + (counts['embedding'] if model_config.tie_embeddings else 0)
+
+
 def flops_per_token(model_config, seq_len: int, counts: dict | None = None) -> float:
   """Training FLOPs per token: 6 per active matmul weight (forward and backward) plus the
   attention scores and weighted sums over `seq_len` keys (computed whole, causal or not).
   `counts`: `parameter_counts(model_config)` when already at hand."""
   m = model_config
   counts = counts or parameter_counts(m)
-  matmul = counts['active'] - counts['embedding']
-  if m.tie_embeddings:
-    matmul += counts['embedding']  # the output layer reuses it
+  matmul = matmul_weights(m, counts)
   if m.attention == 'mla':
     width = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
   else:

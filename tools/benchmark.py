@@ -199,13 +199,9 @@ def checkpoint_overhead(args):
   """Step times with and without an asynchronous save in flight."""
   config = config_lib.load(args.config, args.overrides)
   setup = trainer.make_setup(config, make_mesh(config))
-  t = config.train
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(4, config.model.vocab_size, (t.batch_size, t.seq_len + 1))
-  local = {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32)}
   with jax.set_mesh(setup.mesh), tempfile.TemporaryDirectory() as directory:
     state, step = trainer.init_state(setup), trainer.make_train_step(setup)
-    batch = trainer.global_batch(setup, local)
+    batch = trainer.global_batch(setup, step_benchmarks.random_batch(config))
     holder = {'state': state}
 
     def one_step():

@@ -16,7 +16,8 @@ from moetrain import cost_model, hardware, summary, trainer
 from moetrain.parallel.mesh import make_mesh
 
 
-def _random_batch(config) -> dict:
+def random_batch(config) -> dict:
+  """Random tokens of one global batch of `config` (inputs and next-token targets)."""
   t = config.train
   tokens = np.random.default_rng(0).integers(4, config.model.vocab_size,
                                              (t.batch_size, t.seq_len + 1))
@@ -28,7 +29,7 @@ def measure_train_step(config, repeats: int) -> dict:
   setup = trainer.make_setup(config, make_mesh(config))
   with jax.set_mesh(setup.mesh):
     state = trainer.init_state(setup)
-    batch = trainer.global_batch(setup, _random_batch(config))
+    batch = trainer.global_batch(setup, random_batch(config))
     start = time.perf_counter()
     step = trainer.make_train_step(setup).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
