@@ -100,8 +100,10 @@ def layer_plan(config):
 class Transformer(nnx.Module):
   """The LM. `model(tokens_BxL)` gives float32 logits [B, L, vocab], routing dropless."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs, remat: str = 'none'):
-    """`remat` (`train.remat`) picks the `jax.checkpoint` policy applied to every block."""
+  def __init__(self, config, *, rngs: nnx.Rngs, remat: str = 'none', mesh=None):
+    """`remat` (`train.remat`) picks the `jax.checkpoint` policy applied to every block;
+    `mesh` is the device mesh the model runs on (None: one device, or whatever GSPMD makes
+    of the inputs' shardings); it fixes how the MoE layers exchange tokens."""
     self.embed = param(rngs, (config.vocab_size, config.d_model), ('vocab', 'embed'), config)
     blocks = [Block(config, is_moe_layer(config, i), rngs=rngs) for i in range(config.num_layers)]
     self.scan_layers = bool(config.get('scan_layers', False))
@@ -126,6 +128,7 @@ class Transformer(nnx.Module):
     # Expert choice routes each token by comparing it with later tokens of its group.
     self.causal = not (config.moe.num_experts and config.moe.router == 'expert_choice')
     self.dtype = jnp.dtype(config.dtype)
+    self.mesh = mesh
 
   def __call__(self, tokens_BxL):
     return self.forward(tokens_BxL)[0]
