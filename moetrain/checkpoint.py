@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from moetrain import config as config_lib
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 DIRECTORY = 'checkpoints'
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 from moetrain.models.transformer import init_cache
 
 
@@ -91,9 +91,10 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   try:
-    from moetrain import pretrained, train
+    from moetrain import pretrained
+    from moetrain.data.inputs import load_tokenizer
     model, config = pretrained.load(args.checkpoint)
-    tokenizer = train.load_tokenizer(config)
+    tokenizer = load_tokenizer(config)
     prompt = tokenizer.encode(args.prompt)
     if not 0 < len(prompt) + args.max_tokens <= config.model.max_seq_len:
       raise ConfigError(f'--max_tokens {args.max_tokens}: prompt ({len(prompt)} tokens) and '

@@ -7,32 +7,17 @@ the whole model; the optimizer and step start fresh.
 """
 
 import jax
-from flax import nnx
 
 from moetrain import checkpoint, upcycle
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 from moetrain.models import layout
-from moetrain.parallel import sharding
-from moetrain.trainer import build_model, fresh_weights
-
-
-def _abstract_sharded(model_config, mesh):
-  """(params, buffers) of `model_config` as jax.ShapeDtypeStructs sharded over `mesh`."""
-  # jax.eval_shape, unlike nnx.eval_shape, ignores the active mesh: the logical axis names
-  # are mapped to mesh axes by `sharding` below.
-  state = jax.eval_shape(lambda: nnx.state(build_model(model_config, 0)))
-  params, buffers = state.split(nnx.Param, ...)
-
-  def structs(state):
-    shardings = sharding.param_shardings(state, mesh)
-    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                        nnx.to_pure_dict(state), shardings)
-  return structs(params), structs(buffers)
+from moetrain.state import abstract_model, fresh_weights
 
 
 def _restore(field: str, directory: str, model_config, mesh, config=None):
   try:
-    return checkpoint.restore_weights(directory, *_abstract_sharded(model_config, mesh), config)
+    _, params, buffers = abstract_model(model_config, mesh)
+    return checkpoint.restore_weights(directory, params, buffers, config)
   except ConfigError as error:
     raise ConfigError(f'{field}={directory}: {error}') from error
 

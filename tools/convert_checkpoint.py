@@ -19,7 +19,8 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ArgumentParser, ConfigError  # noqa: E402
+from moetrain.config import ArgumentParser  # noqa: E402
+from moetrain.errors import ConfigError  # noqa: E402
 
 
 class _Parser(ArgumentParser):
@@ -97,13 +98,14 @@ def moetrain_to_hf(args):
 
 def upcycle(args, overrides):
   import jax
-  from moetrain import checkpoint, config as config_lib, trainer, warm_start
+  from moetrain import checkpoint, config as config_lib, warm_start
   from moetrain.parallel.mesh import make_mesh
+  from moetrain.state import make_setup
   config = config_lib.load(args.config, [*overrides,
                                          f'--config.init.upcycle_from={args.sources}'])
   out = checkpoint.check_new_directory(args.out_dir)
   mesh = make_mesh(config)
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh), _Bar('upcycle', unit='stage') as bar:
     params, buffers = warm_start.upcycled_weights(setup)
     bar()

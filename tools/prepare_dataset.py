@@ -22,8 +22,8 @@ import types
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ConfigError  # noqa: E402
 from moetrain.data import documents  # noqa: E402
+from moetrain.errors import ConfigError  # noqa: E402
 
 VERSION = '1.0.0'
 _NAME = re.compile(r'[a-z][a-z0-9]*(_[a-z0-9]+)*')

@@ -13,7 +13,10 @@ import numpy as np
 
 from moetrain import config as config_lib
 from moetrain import cost_model, hardware, summary, trainer
+from moetrain.errors import ConfigError
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import init_state, make_setup
+from moetrain.steps import make_train_step
 
 
 def random_batch(config) -> dict:
@@ -26,12 +29,12 @@ def random_batch(config) -> dict:
 
 def measure_train_step(config, repeats: int) -> dict:
   """Compile seconds and median step seconds of `config`'s train step on this machine."""
-  setup = trainer.make_setup(config, make_mesh(config))
+  setup = make_setup(config, make_mesh(config))
   with jax.set_mesh(setup.mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     batch = trainer.global_batch(setup, random_batch(config))
     start = time.perf_counter()
-    step = trainer.make_train_step(setup).lower(state, batch).compile()
+    step = make_train_step(setup).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     seconds = []
     for index in range(repeats + 2):  # the first two warm up
@@ -74,10 +77,10 @@ def _with_mesh(config, spec: str):
   for item in filter(None, (spec or '').split(',')):
     axis, _, size = item.partition('=')
     if axis not in config.mesh:
-      raise config_lib.ConfigError(f'--mesh: unknown axis {axis!r} (axes: '
-                                   f'{", ".join(config.mesh)})')
+      raise ConfigError(f'--mesh: unknown axis {axis!r} (axes: '
+                        f'{", ".join(config.mesh)})')
     if not size.isdigit() or not int(size):
-      raise config_lib.ConfigError(f'--mesh: {axis}={size} must be a positive integer')
+      raise ConfigError(f'--mesh: {axis}={size} must be a positive integer')
     config.mesh[axis] = int(size)
   return config
 
@@ -88,8 +91,8 @@ def cpu_devices_needed(args) -> int:
   if args.devices:
     return args.devices
   if -1 in sizes:
-    raise config_lib.ConfigError(f'--devices is needed: the mesh of {args.config} has an '
-                                 'axis of size -1')
+    raise ConfigError(f'--devices is needed: the mesh of {args.config} has an '
+                      'axis of size -1')
   return int(np.prod(sizes))
 
 

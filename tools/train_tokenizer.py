@@ -16,7 +16,7 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ConfigError  # noqa: E402
+from moetrain.errors import ConfigError  # noqa: E402
 
 
 def _documents(config, split):

@@ -18,7 +18,7 @@ import safetensors
 from safetensors.numpy import save_file
 
 from moetrain import checkpoint
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 BLOCK_SIZE = 128  # DeepSeek-V3's FP8 weights: one scale per 128×128 block (weight_block_size)
 SINGLE = 'model.safetensors'

@@ -21,8 +21,8 @@ import sys
 import grain
 import numpy as np
 
-from moetrain.config import ConfigError
 from moetrain.data import sources
+from moetrain.errors import ConfigError
 
 KINDS = ('text', 'jsonl', 'parquet', 'tfds')
 FILE_SPLITS = ('train', 'eval')

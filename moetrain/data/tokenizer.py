@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
-from moetrain.config import ConfigError
 from moetrain.data import sources
+from moetrain.errors import ConfigError
 
 PAD_ID = 0
 UNK_ID = 1
