@@ -13,9 +13,8 @@ import pathlib
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A bad config value, file or override; the message names the field or file."""
+from moetrain import config_checks
+from moetrain.errors import ConfigError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -96,12 +95,14 @@ def default_config() -> ml_collections.ConfigDict:
   e.aux_loss_weight = 0.01  # weight of the load-balancing loss
   e.z_loss_weight = 1e-3  # weight of the ST-MoE router z-loss
   e.group_size = 1  # sequences per dispatch group (capacity and dropping act per group)
-  e.capacity_factor = 1.25  # training capacity = ceil(cf·tokens·k/E); <= 0 means dropless
-  e.eval_capacity_factor = 2.0  # capacity factor of periodic eval; <= 0 means dropless
+  # Capacity per expert and dispatch group = ceil(cf·tokens·k/E); 0 routes dropless: every
+  # choice computed, rows sorted by expert and grouped matmuls (no capacity buffers).
+  e.capacity_factor = 1.25  # training capacity factor (>= 0; 0: dropless)
+  e.eval_capacity_factor = 2.0  # capacity factor of periodic eval (>= 0; 0: dropless)
   e.min_capacity = 4  # lower bound of the per-expert capacity
   e.drop_policy = 'position'  # who overflows first: position (later choices, later tokens)
   #                             or priority (lowest top router probability first)
-  e.dispatch = 'auto'  # auto | capacity (gather/scatter) | einsum (one-hot) | dropless (sort)
+  e.dispatch = 'auto'  # builds capacity buffers: auto | capacity (gathers) | einsum (one-hot)
   e.layer_interval = 1  # every n-th block after the dense ones is an MoE block
   e.first_dense_layers = 0  # leading blocks that stay dense
 
@@ -165,7 +166,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked without devices; raises ConfigError."""
-  from moetrain import config_checks  # the rules import ConfigError from here
   config_checks.validate(config)
 
 

@@ -3,7 +3,7 @@
 Runs before any device work; every ConfigError names the field and what is wrong with it.
 """
 
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 ENUMS = {
     'model.dtype': ('float32', 'bfloat16'),
@@ -15,7 +15,7 @@ ENUMS = {
     'model.moe.router': ('softmax', 'sigmoid', 'expert_choice'),
     'model.moe.aux_loss': ('local', 'global', 'sequence', 'none'),
     'model.moe.drop_policy': ('position', 'priority'),
-    'model.moe.dispatch': ('auto', 'capacity', 'einsum', 'dropless'),
+    'model.moe.dispatch': ('auto', 'capacity', 'einsum'),
     'train.schedule': ('cosine', 'constant'),
     'train.remat': ('none', 'full', 'save_dots'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
@@ -39,7 +39,7 @@ NON_NEGATIVE = (
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
-    'train.profile_steps',
+    'train.profile_steps', 'model.moe.capacity_factor', 'model.moe.eval_capacity_factor',
 )
 
 
@@ -52,6 +52,10 @@ def _get(config, dotted):
 
 def validate(config) -> None:
   """Checks every field that can be checked without devices; raises ConfigError."""
+  if config.model.moe.dispatch == 'dropless':
+    raise ConfigError('model.moe.dispatch=dropless: dropless routing is '
+                      'model.moe.capacity_factor=0; dispatch only picks how capacity buffers '
+                      f'are built ({", ".join(ENUMS["model.moe.dispatch"])})')
   for field, allowed in ENUMS.items():
     if _get(config, field) not in allowed:
       raise ConfigError(f'{field}={_get(config, field)!r} must be one of {", ".join(allowed)}')
@@ -188,11 +192,15 @@ def _validate_moe(e, m, t):
     if e.num_groups > 1:
       raise ConfigError('model.moe.num_groups > 1 does not apply to '
                         'model.moe.router=expert_choice')
-    if e.dispatch == 'dropless':
-      raise ConfigError('model.moe.dispatch=dropless does not apply to '
+    if e.capacity_factor == 0:
+      raise ConfigError('model.moe.capacity_factor=0 (dropless) does not apply to '
                         'model.moe.router=expert_choice (each expert takes its capacity)')
     if t.sample_tokens:
       raise ConfigError(f'train.sample_tokens={t.sample_tokens}: model.moe.router='
                         'expert_choice looks at future tokens and cannot decode causally')
+  if e.capacity_factor == 0 and e.dispatch != 'auto':
+    raise ConfigError(f'model.moe.dispatch={e.dispatch} builds capacity buffers, but '
+                      'model.moe.capacity_factor=0 routes dropless without any: leave '
+                      'model.moe.dispatch=auto or set a capacity factor')
   if e.jitter >= 1:
     raise ConfigError(f'model.moe.jitter={e.jitter} must be < 1')

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moetrain import hardware, hlo_stats, summary, trainer
+from moetrain import hardware, hlo_stats, summary
 from moetrain.models import routing
 from moetrain.models.transformer import layer_plan
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import abstract_state, make_setup
+from moetrain.steps import make_train_step
 
 
 @dataclasses.dataclass
@@ -63,7 +65,7 @@ def abstract_inputs(setup):
   t = setup.config.train
   tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32,
                                 sharding=setup.batch_sharding)
-  return trainer.abstract_state(setup), {'inputs': tokens, 'targets': tokens}
+  return abstract_state(setup), {'inputs': tokens, 'targets': tokens}
 
 
 def _collective_widths(model_config) -> dict:
@@ -79,11 +81,11 @@ def _in_domain(groups, domain_size: int) -> bool:
 def step_cost(config, devices=None) -> StepCost:
   """Compiles `config`'s train step for `devices` (default: all) and reads its costs."""
   mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
     state, batch = abstract_inputs(setup)
     start = time.perf_counter()
-    compiled = trainer.make_train_step(setup).lower(state, batch).compile()
+    compiled = make_train_step(setup).lower(state, batch).compile()
     seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -149,15 +151,18 @@ def hand_flops(config) -> dict:
 
 def all_to_all_bytes(config, expert_parallel: int, batch_shards: int) -> float:
   """Bytes one device sends in all-to-alls per step, by the analytic formula: its
-  capacity_factor·T_local·k token vectors (the [E, C] buffers) go to the other EP−1 ranks'
-  experts and come back, forward and backward (and once more forward when rematerialised)."""
+  capacity_factor·T_local·k token vectors (the [E, C] buffers; dropless: its T_local·k rows,
+  as the ragged exchange of GPUs and TPUs sends them) go to the other EP−1 ranks' experts and
+  come back, forward and backward (and once more forward when rematerialised)."""
   m, t = config.model, config.train
   moe = m.moe
   group_tokens = moe.group_size * t.seq_len
-  capacity = routing.expert_capacity(group_tokens, moe.top_k, moe.num_experts,
-                                     moe.capacity_factor, moe.min_capacity)
+  rows = group_tokens * moe.top_k
+  if moe.capacity_factor > 0:
+    rows = moe.num_experts * routing.expert_capacity(group_tokens, moe.top_k, moe.num_experts,
+                                                     moe.capacity_factor, moe.min_capacity)
   local_groups = t.batch_size // moe.group_size // batch_shards
-  buffer = local_groups * moe.num_experts * capacity * m.d_model * jnp.dtype(m.dtype).itemsize
+  buffer = local_groups * rows * m.d_model * jnp.dtype(m.dtype).itemsize
   passes = 2 * (2 + (t.remat != 'none'))
   _, moe_layers, _, _ = layer_plan(m)
   return buffer * (expert_parallel - 1) / expert_parallel * passes * moe_layers

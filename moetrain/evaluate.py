@@ -12,32 +12,34 @@ import os
 import sys
 
 from moetrain import config as config_lib
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 
 def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, overrides=()) -> dict:
   """{'loss', 'perplexity', 'tokens', 'step'} of the newest checkpoint in `checkpoint_dir` on
   `num_batches` (0: the config's `train.eval_batches`) fixed batches of `split`."""
   import jax
-  from moetrain import checkpoint, train, trainer
+  from moetrain import checkpoint, trainer
+  from moetrain.data.inputs import fixed_batches, load_tokenizer
   from moetrain.data.tokenizer import PAD_ID
   from moetrain.parallel.mesh import make_mesh
+  from moetrain.state import abstract_state, make_setup
+  from moetrain.steps import make_eval_step
   config = checkpoint.model_config(checkpoint_dir)
   for flag in overrides:
     config_lib.apply_override(config, flag)
   config.model.moe.eval_capacity_factor = 0.0
   config_lib.validate(config)
   mesh = make_mesh(config)
-  setup = trainer.make_setup(config, mesh)
-  tokenizer = train.load_tokenizer(config)
-  batches = train.fixed_batches(config, tokenizer, split,
-                                num_batches or config.train.eval_batches,
-                                jax.process_index(), jax.process_count())
-  abstract = trainer.abstract_state(setup)
+  setup = make_setup(config, mesh)
+  tokenizer = load_tokenizer(config)
+  batches = fixed_batches(config, tokenizer, split, num_batches or config.train.eval_batches,
+                          jax.process_index(), jax.process_count())
+  abstract = abstract_state(setup)
   with jax.set_mesh(mesh):
     params, buffers = checkpoint.restore_weights(checkpoint_dir, abstract['params'],
                                                  abstract['buffers'], config)
-    loss = trainer.evaluate(setup, trainer.make_eval_step(setup),
+    loss = trainer.evaluate(setup, make_eval_step(setup),
                             {'params': params, 'buffers': buffers}, batches)
   tokens = sum(int((batch['targets'] != PAD_ID).sum()) for batch in batches)
   return {'loss': loss, 'perplexity': math.exp(loss), 'tokens': tokens}

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moetrain import trainer
 from moetrain.models import layout
+from moetrain.parallel import sharding
+from moetrain.state import build_model
 
 _EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
 # Bytes of activations kept per token, layer and unit of d_model for the backward pass, by
@@ -24,7 +25,7 @@ def parameter_counts(model_config) -> dict:
   experts, all the rest), and the token embedding's."""
   unscanned = model_config.copy_and_resolve_references()
   unscanned.scan_layers = False
-  state = jax.eval_shape(lambda: nnx.state(trainer.build_model(unscanned, 0), nnx.Param))
+  state = jax.eval_shape(lambda: nnx.state(build_model(unscanned, 0), nnx.Param))
   moe = model_config.moe
   counts = {'total': 0, 'active': 0, 'embedding': 0}
   for name, leaf in layout.flatten(nnx.to_pure_dict(state)).items():
@@ -77,10 +78,10 @@ def memory_per_device(setup, abstract_state) -> dict:
   shardings = setup.state_shardings
   params = _bytes_per_device(abstract_state['params'], shardings['params'])
   optimizer = _bytes_per_device(abstract_state['opt_state'], shardings['opt_state'])
-  batch_devices = math.prod(setup.mesh.shape[a] for a in ('data', 'fsdp', 'expert'))
+  batch_devices = sharding.shards(setup.mesh, 'batch')
   tokens = t.batch_size * t.seq_len / batch_devices / t.microbatches
   width = np.dtype(m.dtype).itemsize
-  heads = m.num_heads / setup.mesh.shape['tensor']
+  heads = m.num_heads / sharding.shards(setup.mesh, 'heads')
   activations = tokens * m.num_layers * (
       _ACTIVATION_FACTOR[t.remat] * m.d_model * width
       + (heads * t.seq_len * 4 if t.remat == 'none' else 0))  # float32 attention scores

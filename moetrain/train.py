@@ -10,14 +10,13 @@ environment (as `launch/tpu_pod.sh` and `launch/gpu_slurm.sh` set it), from what
 on a TPU pod or in a SLURM job. Single-process runs initialise nothing.
 """
 
-import json
 import os
 import pathlib
 import sys
 import uuid
 
 from moetrain import config as config_lib
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 SAMPLE_PROMPT = 'import os\n\n\ndef '
 
@@ -109,87 +108,6 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def load_tokenizer(config):
-  """The tokenizer `data.tokenizer` names, or the one trained (once, cached) on the corpus."""
-  from moetrain.data import tokenizer as tokenizer_lib
-  if config.data.tokenizer:
-    try:
-      tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer)
-    except (OSError, RuntimeError, ValueError) as error:
-      raise ConfigError(f'data.tokenizer={config.data.tokenizer!r}: {error}') from error
-  elif config.data.source == 'stdlib':
-    tokenizer = tokenizer_lib.load_or_train_stdlib_tokenizer(config.model.vocab_size)
-  else:
-    from moetrain.data import documents
-    tokenizer = tokenizer_lib.load_or_train_tokenizer(
-        documents.documents_from_config(config.data, 'train'), config.data,
-        config.model.vocab_size)
-  if tokenizer.vocab_size() > config.model.vocab_size:
-    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
-                      f'tokenizer vocabulary ({tokenizer.vocab_size()})')
-  return tokenizer
-
-
-def load_data(config, process_index: int, process_count: int, progress=None):
-  """The tokenizer, this process's training batch iterator (resumed at `progress`, a
-  checkpoint's data position) and its fixed eval batches."""
-  from moetrain.data import pipeline
-  tokenizer = load_tokenizer(config)
-  t, progress = config.train, progress or {}
-  eval_batches = fixed_batches(config, tokenizer, 'eval', t.eval_batches, process_index,
-                               process_count) if t.eval_every else []
-  if config.data.source == 'stdlib':
-    train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
-    train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
-                                        process_count, start_row=progress.get('data_rows', 0))
-    return tokenizer, train_iter, eval_batches
-  from moetrain.data import documents
-  train_iter = pipeline.document_train_batches(
-      documents.documents_from_config(config.data, 'train'), tokenizer, t.seq_len,
-      t.batch_size, t.seed, process_index, process_count, config.data.workers)
-  if 'data_states' in progress:
-    states = progress['data_states']
-    if len(states) != process_count:
-      raise ConfigError(f'the checkpoint\'s data position was saved by {len(states)} '
-                        f'processes; resume data.source={config.data.source} with as many '
-                        f'(here: {process_count})')
-    train_iter.set_state(states[process_index])
-  return tokenizer, train_iter, eval_batches
-
-
-def fixed_batches(config, tokenizer, split: str, num_batches: int, process_index: int = 0,
-                  process_count: int = 1) -> list:
-  """`num_batches` fixed batches spread over `split` (train | eval), this process's share."""
-  from moetrain.data import pipeline
-  t = config.train
-  if config.data.source == 'stdlib':
-    rows = pipeline.pack(pipeline.tokenized_stdlib(split, tokenizer), t.seq_len)
-    return pipeline.eval_batches(rows, t.batch_size, num_batches, process_index, process_count)
-  from moetrain.data import documents
-  return pipeline.document_eval_batches(
-      documents.documents_from_config(config.data, split), tokenizer, t.seq_len, t.batch_size,
-      num_batches, process_index, process_count)
-
-
-def data_position(config, train_iter, start_rows: int, steps_done: int) -> dict:
-  """The checkpointed data position after `steps_done` steps of this run (see load_data)."""
-  if config.data.source == 'stdlib':
-    return {'data_rows': start_rows + steps_done * config.train.batch_size}
-  import jax
-  state = json.dumps(train_iter.get_state())
-  if jax.process_count() == 1:
-    return {'data_states': [json.loads(state)]}
-  import numpy as np
-  from jax.experimental import multihost_utils
-  # Every process's iterator state goes into the one JSON item process 0 writes.
-  encoded = np.frombuffer(state.encode(), np.uint8)
-  longest = int(np.max(multihost_utils.process_allgather(np.int32(len(encoded)))))
-  padded = np.zeros(longest, np.uint8)
-  padded[:len(encoded)] = encoded
-  gathered = multihost_utils.process_allgather(padded)
-  return {'data_states': [json.loads(bytes(row).rstrip(b'\0')) for row in gathered]}
-
-
 def open_checkpoints(workdir, train_config):
   """The run's checkpoint manager, with `train_config`'s retention."""
   from moetrain import checkpoint
@@ -201,7 +119,8 @@ def restore_or_init(setup, workdir, lead: bool):
   """(state, data position, checkpoint manager): the newest readable checkpoint in `workdir`,
   or a fresh state (position None). Raises ConfigError for a checkpoint of another model before
   anything is written."""
-  from moetrain import checkpoint, trainer
+  from moetrain import checkpoint
+  from moetrain.state import abstract_state, init_state
   t = setup.config.train
   path = checkpoint.directory(workdir)
   # A fresh workdir gets its checkpoints directory only once training starts writing.
@@ -209,7 +128,7 @@ def restore_or_init(setup, workdir, lead: bool):
   restored = None
   if checkpoints is not None:
     log = (lambda line: print(line, file=sys.stderr)) if lead else (lambda line: None)
-    restored = checkpoint.restore_latest(checkpoints, trainer.abstract_state(setup),
+    restored = checkpoint.restore_latest(checkpoints, abstract_state(setup),
                                          setup.config, log=log)
   if restored is None:
     from moetrain import warm_start
@@ -219,7 +138,7 @@ def restore_or_init(setup, workdir, lead: bool):
       source = (f'weights of {i.from_checkpoint}' if i.from_checkpoint else
                 f'{i.upcycle_from} upcycled ({i.upcycle})')
       print(f'starting from {source}', file=sys.stderr)
-    return trainer.init_state(setup, weights), None, checkpoints
+    return init_state(setup, weights), None, checkpoints
   state, progress = restored
   if lead:
     print(f'resuming from step {int(state["step"])} of {path}', file=sys.stderr)
@@ -231,18 +150,21 @@ def run(config, workdir_path: str) -> dict:
   summary."""
   import jax
   import tqdm
+  from flax import nnx
 
   from moetrain import checkpoint, generate, metrics, summary, trainer
+  from moetrain.data.inputs import data_position, load_data
   from moetrain.parallel.mesh import make_mesh
+  from moetrain.state import abstract_state, build_model, make_setup
 
   mesh = make_mesh(config)
   workdir = prepare_workdir(workdir_path)
   enable_compilation_cache()
   lead = jax.process_index() == 0
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   t = config.train
   if lead:
-    print('\n'.join(summary.describe(setup, trainer.abstract_state(setup))))
+    print('\n'.join(summary.describe(setup, abstract_state(setup))))
   with jax.set_mesh(mesh):
     state, position, checkpoints = restore_or_init(setup, workdir, lead)
     start_step = int(state['step'])
@@ -280,7 +202,10 @@ def run(config, workdir_path: str) -> dict:
     print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard: tensorboard --logdir {workdir}')
   if config.train.sample_tokens and lead and summary['stopped_at'] is None:
     prompt = tokenizer.encode(SAMPLE_PROMPT)
-    new = generate.generate(setup.graphdef, state['params'], state['buffers'], prompt,
+    # One sequence decodes as a model of no mesh: its batch of one row splits over no axis,
+    # and GSPMD reads the trained weights wherever they lie.
+    graphdef = jax.eval_shape(lambda: nnx.graphdef(build_model(config.model, 0)))
+    new = generate.generate(graphdef, state['params'], state['buffers'], prompt,
                             min(config.train.sample_tokens,
                                 config.model.max_seq_len - len(prompt)),
                             temperature=0.7, seed=config.train.seed)

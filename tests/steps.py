@@ -7,6 +7,8 @@ import numpy as np
 
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import init_state, make_setup
+from moetrain.steps import gradients
 
 
 def random_batch(config, seed=0, padding=0):
@@ -25,11 +27,11 @@ def first_gradients(config, devices, local_batch, then=None):
   `then(setup, state, batch)`, if given, runs under the same mesh and its result is appended.
   """
   mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     batch = trainer.global_batch(setup, local_batch)
-    out = jax.jit(functools.partial(trainer.gradients, setup))(
+    out = jax.jit(functools.partial(gradients, setup))(
         state['params'], state['buffers'], batch, jax.random.key(0))
     result = jax.device_get((out, state))
     if then is not None:

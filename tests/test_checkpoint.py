@@ -8,6 +8,8 @@ from moetrain import checkpoint
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import abstract_state, init_state, make_setup
+from moetrain.steps import make_train_step
 
 
 def small_config(*overrides):
@@ -30,15 +32,15 @@ def setup_on(mesh_axes, devices, *overrides):
   config = small_config(f'--config.mesh.data={data}', f'--config.mesh.fsdp={fsdp}',
                         f'--config.mesh.expert={expert}', f'--config.mesh.tensor={tensor}',
                         *overrides)
-  return trainer.make_setup(config, make_mesh(config, devices))
+  return make_setup(config, make_mesh(config, devices))
 
 
 @pytest.mark.parametrize('target', [(1, 1, 1, 1), (1, 1, 4, 2)], ids=['1-device', '1x1x4x2'])
 def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path, target):
   source = setup_on((2, 2, 2, 1), jax.devices()[:8])
   with jax.set_mesh(source.mesh):
-    state = trainer.init_state(source)
-    state, _ = trainer.make_train_step(source)(state, trainer.global_batch(
+    state = init_state(source)
+    state, _ = make_train_step(source)(state, trainer.global_batch(
         source, random_batch(source.config)))  # moments and bias no longer zero
     manager = checkpoint.manager(tmp_path)
     checkpoint.save(manager, 1, state, {'data_rows': 8}, config=source.config)
@@ -49,7 +51,7 @@ def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path, target):
   destination = setup_on(target, devices)
   with jax.set_mesh(destination.mesh):
     restored, progress = checkpoint.restore_latest(
-        checkpoint.manager(tmp_path), trainer.abstract_state(destination), destination.config)
+        checkpoint.manager(tmp_path), abstract_state(destination), destination.config)
   assert progress['data_rows'] == 8
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
   jax.tree.map(lambda array, sharding: (array.sharding == sharding) or pytest.fail(
@@ -77,10 +79,10 @@ def nan_router(state):
 def test_non_finite_step_skips_the_update():
   setup = setup_on((1, 1, 1, 1), jax.devices()[:1])
   with jax.set_mesh(setup.mesh):
-    state = nan_router(trainer.init_state(setup))
+    state = nan_router(init_state(setup))
     before = jax.device_get(state)
     batch = trainer.global_batch(setup, random_batch(setup.config))
-    state, metrics = trainer.make_train_step(setup)(state, batch)
+    state, metrics = make_train_step(setup)(state, batch)
   assert int(metrics['skipped']) == 1 and not np.isfinite(float(metrics['loss']))
   assert int(state['step']) == 1  # the step (and its batch) is consumed
   for name in ('params', 'buffers', 'opt_state'):
@@ -106,7 +108,7 @@ def test_run_stops_after_max_nonfinite_steps_in_a_row():
   batches = iter([random_batch(config, seed) for seed in range(20)])
   recorder = Recorder()
   with jax.set_mesh(setup.mesh):
-    state = nan_router(trainer.init_state(setup))
+    state = nan_router(init_state(setup))
     with pytest.raises(trainer.NonFiniteError,
                        match=r'10 consecutive steps up to step 10 had a non-finite'):
       trainer.train_loop(setup, state, batches, [], recorder, save=recorder.save)
@@ -121,7 +123,7 @@ def test_isolated_non_finite_steps_are_counted_and_training_goes_on():
   poisoned = [dict(batch, inputs=np.full_like(batch['inputs'], 10**6)) for batch in good]
   recorder = Recorder()
   with jax.set_mesh(setup.mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     state, summary = trainer.train_loop(setup, state, iter([b for pair in zip(good, poisoned)
                                                             for b in pair]), [], recorder)
   assert summary['skipped_steps'] == 6 and int(state['step']) == 12

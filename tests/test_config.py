@@ -3,7 +3,7 @@
 import pytest
 
 from moetrain import config as config_lib
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 
 def write(tmp_path, body, name='cfg.py'):
@@ -112,8 +112,8 @@ def test_dense_model_needs_no_moe_checks():
      r'\+ model.moe.num_null_experts=2'),
     (['--config.model.moe.num_groups=4', '--config.model.moe.topk_groups=1',
       '--config.model.moe.top_k=3'], 'model.moe.topk_groups=1 groups of 2 experts hold fewer'),
-    (['--config.model.moe.router=expert_choice', '--config.model.moe.dispatch=dropless'],
-     'dispatch=dropless does not apply to model.moe.router=expert_choice'),
+    (['--config.model.moe.router=expert_choice', '--config.model.moe.capacity_factor=0'],
+     r'capacity_factor=0 \(dropless\) does not apply to model.moe.router=expert_choice'),
     (['--config.model.moe.router=expert_choice'],
      'train.sample_tokens=120: model.moe.router=expert_choice looks at future tokens'),
     (['--config.model.moe.bias_update_rate=0.001', '--config.model.moe.num_null_experts=1'],

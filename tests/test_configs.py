@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from moetrain import config as config_lib
-from moetrain import trainer
 from moetrain.convert import families
 from moetrain.models.transformer import is_moe_layer
 from moetrain.parallel import mesh as mesh_lib
+from moetrain.state import build_model
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
 
@@ -138,7 +138,7 @@ def parameter_counts(name):
   """(total, activated per token) of config `name`, from shapes only (nothing allocated)."""
   config = load(name)
   m, e = config.model, config.model.moe
-  model = nnx.eval_shape(lambda: trainer.build_model(m, 0))
+  model = nnx.eval_shape(lambda: build_model(m, 0))
   total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
   # A token skips the routed experts it did not choose; everything else is active.
   moe_layers = sum(is_moe_layer(m, i) for i in range(m.num_layers))
@@ -202,7 +202,7 @@ def test_tiny_family_config_runs_a_forward_pass(name):
   families.config_to_hf(config, family)  # expressible in its family: raises otherwise
   mesh_lib.check_layout(config, mesh_lib.mesh_shape(config.mesh, jax.device_count()))
 
-  model = trainer.build_model(config.model, 0)
+  model = build_model(config.model, 0)
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, 16))
   logits = nnx.jit(lambda model, tokens: model(tokens))(model, tokens)
   assert logits.shape == (2, 16, config.model.vocab_size)

@@ -9,10 +9,14 @@ import optax
 from flax import nnx
 
 import moetrain
-from moetrain import checkpoint, evaluate, train, trainer
+from moetrain import checkpoint, evaluate
 from moetrain import config as config_lib
+from moetrain.data.inputs import fixed_batches, load_tokenizer
 from moetrain.data.packing import document_segments
 from moetrain.data.tokenizer import EOS_ID, PAD_ID
+from moetrain.parallel.mesh import make_mesh
+from moetrain.state import abstract_state, build_model, make_setup
+from moetrain.steps import make_eval_step
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -21,17 +25,16 @@ SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.
 
 def saved(tmp_path):
   config = config_lib.load('configs/tiny.py', SMALL)
-  _, params, buffers = nnx.split(trainer.build_model(config.model, 3), nnx.Param, ...)
+  _, params, buffers = nnx.split(build_model(config.model, 3), nnx.Param, ...)
   pure = lambda state: jax.tree.map(np.asarray, nnx.to_pure_dict(state))
   checkpoint.save_model(tmp_path / 'ckpt', pure(params), pure(buffers), config)
   return tmp_path / 'ckpt', config
 
 
-def test_loss_equals_the_models_cross_entropy_on_the_same_batches(tmp_path):
-  directory, config = saved(tmp_path)
-  result = evaluate.evaluate(directory)
+def one_device_loss(directory, config, num_batches):
+  """Cross-entropy per target token of `moetrain.load`'s model (one device) on the batches."""
   model, _ = moetrain.load(directory)
-  batches = train.fixed_batches(config, train.load_tokenizer(config), 'eval', 2)
+  batches = fixed_batches(config, load_tokenizer(config), 'eval', num_batches)
   total = count = 0.0
   for batch in batches:
     segments, positions = document_segments(jnp.asarray(batch['inputs']), EOS_ID)
@@ -40,7 +43,14 @@ def test_loss_equals_the_models_cross_entropy_on_the_same_batches(tmp_path):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
     weights = batch['targets'] != PAD_ID
     total, count = total + float((ce * weights).sum()), count + float(weights.sum())
-  assert math.isclose(result['loss'], total / count, rel_tol=1e-5)
+  return total / count, count
+
+
+def test_loss_equals_the_models_cross_entropy_on_the_same_batches(tmp_path):
+  directory, config = saved(tmp_path)
+  result = evaluate.evaluate(directory)
+  loss, count = one_device_loss(directory, config, 2)
+  assert math.isclose(result['loss'], loss, rel_tol=1e-5)
   assert result['perplexity'] == math.exp(result['loss']) and result['tokens'] == count
   assert abs(result['loss'] - math.log(8000)) < 0.1  # an untrained model is nearly uniform
 
@@ -54,3 +64,30 @@ def test_command_line_prints_the_result_and_refuses_bad_input(tmp_path, capsys):
   assert len(error) == 1 and 'nothing' in error[0]
   assert evaluate.main(['--checkpoint', str(directory), '--bogus']) == 2
   assert '--bogus' in capsys.readouterr().err
+
+
+
+def test_an_expert_parallel_mesh_runs_the_exchange_and_equals_one_device(tmp_path):
+  """evaluate on 8 devices with the experts split eight ways: the loss is the one-device
+  model's, and the eval step it compiles exchanges tokens with all_to_all."""
+  config = config_lib.load('configs/tiny.py', SMALL + ['--config.model.moe.num_experts=8'])
+  _, params, buffers = nnx.split(build_model(config.model, 5), nnx.Param, ...)
+  pure = lambda state: jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+  checkpoint.save_model(tmp_path / 'ckpt', pure(params), pure(buffers), config)
+  expert_parallel = ['--config.mesh.data=1', '--config.mesh.expert=8']
+
+  result = evaluate.evaluate(tmp_path / 'ckpt', num_batches=1, overrides=expert_parallel)
+  assert math.isclose(result['loss'], one_device_loss(tmp_path / 'ckpt', config, 1)[0],
+                      rel_tol=1e-5)
+
+  # The step evaluate compiled, for the same config and mesh.
+  for flag in expert_parallel:
+    config_lib.apply_override(config, flag)
+  config.model.moe.eval_capacity_factor = 0.0
+  setup = make_setup(config, make_mesh(config))
+  assert setup.mesh.shape['expert'] == 8
+  abstract = abstract_state(setup)
+  batch = jax.ShapeDtypeStruct((8, 32), jnp.int32, sharding=setup.batch_sharding)
+  hlo = make_eval_step(setup).lower(abstract['params'], abstract['buffers'],
+                                    {'inputs': batch, 'targets': batch}).compile().as_text()
+  assert 'all-to-all' in hlo

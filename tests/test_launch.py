@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moetrain import train
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ['local_multiprocess.sh', 'tpu_pod.sh', 'gpu_slurm.sh']

@@ -8,8 +8,10 @@ import pytest
 from flax import nnx
 
 from moetrain import config as config_lib
-from moetrain import trainer
+from moetrain.errors import ConfigError
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import make_setup
+from moetrain.steps import loss_and_metrics, split_microbatches
 from tests.steps import first_gradients
 from tests.test_trainer import batch_for, small_config
 
@@ -30,17 +32,22 @@ def test_microbatches_equal_one_large_batch(group_size):
   assert metrics1['dropped_fraction'].max() > 0
   for key in ('loss', 'z_loss', 'z_loss_per_layer', 'tokens'):
     np.testing.assert_allclose(metrics4[key], metrics1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  # Routing statistics are summed over microbatches before any ratio is taken: the step's
+  # per-layer figures do not depend on how it was split.
+  for key in ('max_load', 'expert_fraction', 'dropped_fraction', 'experts_per_token',
+              'router_entropy'):
+    np.testing.assert_allclose(metrics4[key], metrics1[key], rtol=1e-4, atol=1e-7, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                grads4, grads1)
 
   # The aux loss is the mean of the per-microbatch values, each computed on its own.
-  setup = trainer.make_setup(one, make_mesh(one, jax.devices()[:1]))
-  micro = trainer.split_microbatches(batch_for(one), 4, group_size)
+  setup = make_setup(one, make_mesh(one, jax.devices()[:1]))
+  micro = split_microbatches(batch_for(one), 4, group_size)
   aux = []
   for i in range(4):
     model = nnx.merge(setup.graphdef, state['params'], state['buffers'])
-    _, metrics = trainer.loss_and_metrics(model, {k: v[i] for k, v in micro.items()},
-                                          one.model, one.model.moe.capacity_factor, train=True)
+    _, metrics = loss_and_metrics(model, {k: v[i] for k, v in micro.items()},
+                                  one.model, one.model.moe.capacity_factor, train=True)
     aux.append(metrics['aux_loss_per_layer'])
   np.testing.assert_allclose(metrics4['aux_loss_per_layer'], np.mean(aux, axis=0), rtol=1e-5)
   np.testing.assert_allclose(metrics4['aux_loss'], np.mean(aux, axis=0).sum(), rtol=1e-5)
@@ -49,21 +56,21 @@ def test_microbatches_equal_one_large_batch(group_size):
 def test_balancing_bias_is_threaded_through_microbatches():
   config = small_config('--config.train.microbatches=4', '--config.model.moe.bias_update_rate=0.1')
   (_, _, buffers), state = step_gradients(config, jax.devices()[:2])
-  setup = trainer.make_setup(config, make_mesh(config, jax.devices()[:1]))
-  micro = trainer.split_microbatches(batch_for(config), 4, 1)
+  setup = make_setup(config, make_mesh(config, jax.devices()[:1]))
+  micro = split_microbatches(batch_for(config), 4, 1)
   expected = jax.tree.map(jnp.asarray, state['buffers'])
   for i in range(4):
     model = nnx.merge(setup.graphdef, state['params'], expected)
-    trainer.loss_and_metrics(model, {k: v[i] for k, v in micro.items()}, config.model,
-                             config.model.moe.capacity_factor, train=True)
+    loss_and_metrics(model, {k: v[i] for k, v in micro.items()}, config.model,
+                     config.model.moe.capacity_factor, train=True)
     expected = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), buffers, expected)
   assert np.abs(jax.tree.leaves(buffers)[0]).max() > 0
 
 
 def test_microbatches_must_divide_the_batch_and_the_mesh():
-  with pytest.raises(config_lib.ConfigError, match='train.microbatches'):
+  with pytest.raises(ConfigError, match='train.microbatches'):
     small_config('--config.train.microbatches=3')
   config = small_config('--config.train.microbatches=4')
-  with pytest.raises(config_lib.ConfigError, match='microbatches'):
+  with pytest.raises(ConfigError, match='microbatches'):
     make_mesh(config, jax.devices()[:8])

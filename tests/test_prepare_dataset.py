@@ -11,8 +11,8 @@ import textwrap
 import ml_collections
 import pytest
 
-from moetrain.config import ConfigError
 from moetrain.data import documents
+from moetrain.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = [f'document {i}: ü ✓\n\tindented' for i in range(120)]

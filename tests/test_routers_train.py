@@ -9,6 +9,8 @@ import pytest
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import init_state, make_setup
+from moetrain.steps import gradients, make_train_step
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=64',
          '--config.model.num_layers=2', '--config.model.max_seq_len=32',
@@ -31,7 +33,7 @@ ROUTERS = {
     'qwen_shared_gated_dropless': ['--config.model.moe.num_shared_experts=1',
                                    '--config.model.moe.shared_expert_gate=true',
                                    '--config.model.moe.norm_topk_prob=false',
-                                   '--config.model.moe.dispatch=dropless',
+                                   '--config.model.moe.capacity_factor=0',
                                    '--config.model.moe.aux_loss=global'],
 }
 
@@ -49,10 +51,10 @@ def patterned_batch(config, step):
 def test_each_router_trains(router):
   config = config_lib.load('configs/tiny.py', SMALL + ROUTERS[router])
   mesh = make_mesh(config, jax.devices()[:1])
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
-    step = trainer.make_train_step(setup)
+    state = init_state(setup)
+    step = make_train_step(setup)
     losses = []
     for i in range(30):
       state, metrics = step(state, trainer.global_batch(setup, patterned_batch(config, i)))
@@ -69,11 +71,11 @@ def test_each_router_trains(router):
 
 def one_step(config, devices):
   mesh = make_mesh(config, devices)
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     batch = trainer.global_batch(setup, patterned_batch(config, 0))
-    grads, metrics, _ = jax.jit(functools.partial(trainer.gradients, setup))(
+    grads, metrics, _ = jax.jit(functools.partial(gradients, setup))(
         state['params'], state['buffers'], batch, jax.random.key(0))
     return jax.device_get((grads, metrics))
 

@@ -7,15 +7,16 @@ import pytest
 from flax import nnx
 
 from moetrain import config as config_lib
-from moetrain import summary, trainer
+from moetrain import summary
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import abstract_state, build_model, init_state, make_setup
 
 
 @pytest.mark.parametrize('config_file', ['configs/tiny.py', 'configs/tiny_qwen2_moe.py',
                                          'configs/tiny_deepseek_v3.py'])
 def test_parameter_count_equals_the_built_models(config_file):
   model_config = config_lib.load(config_file).model
-  params = nnx.state(trainer.build_model(model_config, 0), nnx.Param)
+  params = nnx.state(build_model(model_config, 0), nnx.Param)
   real = sum(leaf.size for leaf in jax.tree.leaves(params))
   assert summary.parameter_counts(model_config)['total'] == real
 
@@ -39,10 +40,10 @@ def test_active_parameters_of_eight_experts_top_two_by_hand():
 @pytest.mark.parametrize('mesh', [dict(data=8), dict(data=1, fsdp=4, expert=2)])
 def test_memory_estimate_matches_the_arrays_one_device_holds(mesh):
   config = config_lib.load('configs/tiny.py', [f'--config.mesh.{a}={s}' for a, s in mesh.items()])
-  setup = trainer.make_setup(config, make_mesh(config))
+  setup = make_setup(config, make_mesh(config))
   with jax.set_mesh(setup.mesh):
-    state = trainer.init_state(setup)
-    estimate = summary.memory_per_device(setup, trainer.abstract_state(setup))
+    state = init_state(setup)
+    estimate = summary.memory_per_device(setup, abstract_state(setup))
   device = jax.devices()[0]
 
   def held(tree):
@@ -51,5 +52,5 @@ def test_memory_estimate_matches_the_arrays_one_device_holds(mesh):
   for part, key in (('params', 'params'), ('opt_state', 'optimizer')):
     assert math.isclose(estimate[key], held(state[part]), rel_tol=0.2), (part, estimate[key],
                                                                          held(state[part]))
-  lines = summary.describe(setup, trainer.abstract_state(setup))
+  lines = summary.describe(setup, abstract_state(setup))
   assert any('active per token' in line for line in lines)

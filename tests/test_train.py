@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from moetrain import train
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -22,8 +25,9 @@ def run_cli(*args, devices=1):
 
 def test_short_run_writes_metrics_and_tensorboard(tmp_path):
   workdir = tmp_path / 'run'
+  # Two devices, so the batch is split and the sample's single row must decode all the same.
   result = run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir), *SMALL,
-                   '--config.train.profile_steps=1')
+                   '--config.train.profile_steps=1', devices=2)
   assert result.returncode == 0, result.stderr[-2000:]
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train = [r for r in records if 'split' not in r]
@@ -107,3 +111,32 @@ def test_unwritable_workdir(tmp_path):
   expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir',
                                 str(blocker / 'run')), f'--workdir {blocker / "run"}: not writable')
   assert blocker.read_text() == 'not a directory'
+
+
+def test_negative_capacity_factor(tmp_path):
+  workdir = tmp_path / 'w'
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir),
+                                '--config.model.moe.capacity_factor=-1'),
+                        'model.moe.capacity_factor=-1.0 must be >= 0')
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('flags, fields', [
+    (['--config.model.moe.capacity_factor=nan'], ['model.moe.capacity_factor=nan']),
+    (['--config.model.moe.eval_capacity_factor=-0.5'], ['model.moe.eval_capacity_factor=-0.5']),
+    (['--config.model.moe.dispatch=dropless'],
+     ['model.moe.dispatch=dropless', 'model.moe.capacity_factor=0']),
+    (['--config.model.moe.capacity_factor=0', '--config.model.moe.dispatch=einsum'],
+     ['model.moe.dispatch=einsum', 'model.moe.capacity_factor=0']),
+    (['--config.model.moe.capacity_factor=0', '--config.model.moe.router=expert_choice',
+      '--config.train.sample_tokens=0'],
+     ['model.moe.capacity_factor=0', 'model.moe.router=expert_choice']),
+])
+def test_capacity_factor_and_dispatch_refusals_name_the_fields(tmp_path, capsys, flags, fields):
+  """Dropless is capacity_factor=0 and nothing else: every other way of saying it, or a
+  contradiction, is one line naming the fields, status 2, nothing written."""
+  workdir = tmp_path / 'w'
+  assert train.main(['--config', 'configs/tiny.py', '--workdir', str(workdir), *flags]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and all(field in lines[0] for field in fields), lines
+  assert not workdir.exists()

@@ -10,6 +10,8 @@ from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.data.tokenizer import EOS_ID
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import build_model, decay_mask, init_state, make_optimizer, make_setup
+from moetrain.steps import loss_and_metrics, make_train_step
 from tests.steps import first_gradients, random_batch
 
 
@@ -29,7 +31,7 @@ def batch_for(config, seed=0):
 def one_step(config, devices):
   """Gradients, metrics and the updated state of one train step on `devices`."""
   train = lambda setup, state, batch: jax.device_get(
-      trainer.make_train_step(setup)(state, batch))
+      make_train_step(setup)(state, batch))
   (grads, _, _), _, (state, metrics) = first_gradients(config, devices, batch_for(config),
                                                        then=train)
   return grads, metrics, state
@@ -53,7 +55,7 @@ def test_data_parallel_step_equals_single_device_step():
 def test_batch_is_sharded_over_all_data_axes():
   config = small_config()
   mesh = make_mesh(config, jax.devices()[:8])
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   batch = trainer.global_batch(setup, batch_for(config))
   assert {s.data.shape for s in batch['inputs'].addressable_shards} == {(2, 16)}
 
@@ -61,14 +63,14 @@ def test_batch_is_sharded_over_all_data_axes():
 def test_weight_decay_spares_norms_and_biases():
   params = {'blocks': {0: {'attention_norm': {'scale': 1}, 'ffn': {'w_up': 2, 'router_bias': 3}}},
             'embed': 4}
-  mask = trainer.decay_mask(params)
+  mask = decay_mask(params)
   assert mask == {'blocks': {0: {'attention_norm': {'scale': False},
                                  'ffn': {'w_up': True, 'router_bias': False}}}, 'embed': True}
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
   config = small_config('--config.train.warmup_steps=10', '--config.train.steps=100')
-  _, schedule = trainer.make_optimizer(config.train)
+  _, schedule = make_optimizer(config.train)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 1e-3, rtol=1e-5)
@@ -79,15 +81,15 @@ def test_without_the_document_mask_tokens_attend_across_the_row():
   """train.document_mask=False (what cuDNN's fused attention can run): the loss is that of the
   plain forward pass over the whole row, end-of-document tokens and all."""
   config = small_config()
-  model = trainer.build_model(config.model, 0)
+  model = build_model(config.model, 0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, config.model.vocab_size, (2, 17)).astype(np.int32)
   tokens[:, 6] = EOS_ID  # a second document starts in every row
   batch = {'inputs': jnp.asarray(tokens[:, :-1]), 'targets': jnp.asarray(tokens[:, 1:])}
   plain = optax.softmax_cross_entropy_with_integer_labels(model(batch['inputs']),
                                                           batch['targets']).mean()
-  loss = lambda mask: trainer.loss_and_metrics(model, batch, config.model, 0.0,
-                                               document_mask=mask)[1]['loss']
+  loss = lambda mask: loss_and_metrics(model, batch, config.model, 0.0,
+                                       document_mask=mask)[1]['loss']
   np.testing.assert_allclose(loss(False), plain, rtol=1e-6)
   assert abs(float(loss(True)) - float(plain)) > 1e-4
 
@@ -110,11 +112,11 @@ def test_bfloat16_step_routes_and_scores_in_float32_and_donates_the_state():
   """model.dtype=bfloat16: the matmuls run in bf16; router logits and the loss in float32;
   the old state's buffers are given to the new one."""
   config = small_config('--config.model.dtype=bfloat16')
-  setup = trainer.make_setup(config, make_mesh(config, jax.devices()[:1]))
+  setup = make_setup(config, make_mesh(config, jax.devices()[:1]))
   with jax.set_mesh(setup.mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     batch = trainer.global_batch(setup, batch_for(config))
-    step = trainer.make_train_step(setup)
+    step = make_train_step(setup)
     dots = _dot_dtypes(jax.make_jaxpr(step)(state, batch).jaxpr, [])
     experts = config.model.moe.num_experts
     assert any(a == jnp.bfloat16 and out == jnp.bfloat16 for a, out, _ in dots)

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from moetrain import config as config_lib
-from moetrain import trainer, upcycle
+from moetrain import upcycle
 from moetrain.models import layout
+from moetrain.state import build_model
 
 TOKENS_BxL = np.asarray(jax.random.randint(jax.random.key(7), (2, 12), 0, 64))
 
@@ -41,14 +42,14 @@ def init_config(**fields):
 
 def flat_params(model_config, seed):
   """Flat numpy params of a freshly built model."""
-  _, params, _ = nnx.split(trainer.build_model(model_config, seed), nnx.Param, ...)
+  _, params, _ = nnx.split(build_model(model_config, seed), nnx.Param, ...)
   flat = layout.to_layers(nnx.to_pure_dict(params), model_config)
   return {name: np.asarray(value) for name, value in flat.items()}
 
 
 def logits(model_config, flat, seed=0):
   """The model's logits on TOKENS_BxL with `flat` params (buffers as built)."""
-  graphdef, params, buffers = nnx.split(trainer.build_model(model_config, seed), nnx.Param, ...)
+  graphdef, params, buffers = nnx.split(build_model(model_config, seed), nnx.Param, ...)
   nnx.replace_by_pure_dict(params, layout.from_layers(dict(flat), model_config))
   return np.asarray(nnx.merge(graphdef, params, buffers)(TOKENS_BxL))
 

@@ -9,9 +9,10 @@ import jax
 from flax import nnx
 
 import moetrain
-from moetrain import checkpoint, trainer
+from moetrain import checkpoint
 from moetrain import config as config_lib
 from moetrain import train
+from moetrain.state import build_model
 
 SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=64',
          '--config.train.eval_every=0', '--config.train.sample_tokens=0',
@@ -31,7 +32,7 @@ def run(config_file, workdir, steps, *overrides):
 def saved_weights(config_file, workdir, *overrides):
   """A freshly initialised model of `config_file` saved as a weights-only checkpoint."""
   config = config_lib.load(config_file, overrides)
-  _, params, buffers = nnx.split(trainer.build_model(config.model, 0), nnx.Param, ...)
+  _, params, buffers = nnx.split(build_model(config.model, 0), nnx.Param, ...)
   to_pure = lambda state: jax.tree.map(np.asarray, nnx.to_pure_dict(state))
   checkpoint.save_model(workdir, to_pure(params), to_pure(buffers), config)
   return workdir

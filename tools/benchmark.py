@@ -8,8 +8,8 @@
   python tools/benchmark.py model --config configs/mixtral_8x7b.py [--devices 8]
       [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--config.a.b=v …]
 
-moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each token
-dispatch backend, next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
+moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each way of
+computing it (the capacity buffers' two backends at --capacity-factor, and dropless), next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
 a shared expert, where the shape has one, is added to both), timed side by side in one process.
 The ratio MoE / dense is the overhead PERFORMANCE.md sets targets for (1.0: no overhead).
 Absolute times move from machine to machine; compare ratios from one run.
@@ -60,9 +60,13 @@ import numpy as np  # noqa: E402
 
 from moetrain import checkpoint, trainer  # noqa: E402
 from moetrain import config as config_lib  # noqa: E402
+from moetrain.errors import ConfigError  # noqa: E402
 from moetrain.models import dispatch, routing  # noqa: E402
+from moetrain.models import pipeline as moe_pipeline  # noqa: E402
 from moetrain.parallel.mesh import make_mesh  # noqa: E402
 from moetrain.models.mlp import swiglu  # noqa: E402
+from moetrain.state import init_state, make_setup  # noqa: E402
+from moetrain.steps import make_train_step  # noqa: E402
 
 import step_benchmarks  # noqa: E402
 
@@ -111,6 +115,10 @@ def _with_shared(y_GxTxD, x_GxTxD, shared):
   return y_GxTxD + swiglu(x_GxTxD, *shared) if shared else y_GxTxD
 
 
+# The capacity buffers' backends (`dispatch`), and dropless: sorted rows, grouped matmuls.
+LAYER_BACKENDS = (*dispatch.BACKENDS, 'dropless')
+
+
 def layer_steps(shape, dtype, backends, capacity_factor, min_capacity):
   """Jitted train steps of the dense FFN and of the MoE layer per backend, with their inputs."""
   d, f, e, k = shape.d_model, shape.d_expert, shape.num_experts, shape.top_k
@@ -134,9 +142,9 @@ def layer_steps(shape, dtype, backends, capacity_factor, min_capacity):
     logits_GxTxE = jnp.einsum('gtd,de->gte', x_GxTxD.astype(jnp.float32), router_DxE)
     weights_GxTxK, experts_GxTxK = routing.top_k_gates(
         routing.router_probabilities(logits_GxTxE), k, True)
-    y_GxTxD, _ = dispatch.token_choice_ffn(x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT,
-                                           w_gate, w_up, w_down, capacity=capacity,
-                                           backend=backend)
+    y_GxTxD, _ = moe_pipeline.token_choice(
+        x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT, (w_gate, w_up, w_down), num_experts=e,
+        capacity=None if backend == 'dropless' else capacity, backend=backend)
     return jnp.sum(_with_shared(y_GxTxD, x_GxTxD, params[4:]).astype(jnp.float32))
 
   train_step = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -198,9 +206,9 @@ def _timed(fn):
 def checkpoint_overhead(args):
   """Step times with and without an asynchronous save in flight."""
   config = config_lib.load(args.config, args.overrides)
-  setup = trainer.make_setup(config, make_mesh(config))
+  setup = make_setup(config, make_mesh(config))
   with jax.set_mesh(setup.mesh), tempfile.TemporaryDirectory() as directory:
-    state, step = trainer.init_state(setup), trainer.make_train_step(setup)
+    state, step = init_state(setup), make_train_step(setup)
     batch = trainer.global_batch(setup, step_benchmarks.random_batch(config))
     holder = {'state': state}
 
@@ -334,8 +342,8 @@ def main(argv=None) -> int:
   commands = parser.add_subparsers(dest='command', required=True)
   layer = commands.add_parser('moe-layer', help='MoE layer train step vs dense, per backend')
   layer.add_argument('--shapes', choices=sorted(SHAPES), default='small')
-  layer.add_argument('--backends', nargs='+', choices=dispatch.BACKENDS,
-                     default=list(dispatch.BACKENDS))
+  layer.add_argument('--backends', nargs='+', choices=LAYER_BACKENDS,
+                     default=list(LAYER_BACKENDS))
   layer.add_argument('--capacity-factor', type=float, default=1.25)
   layer.add_argument('--min-capacity', type=int, default=4)
   layer.add_argument('--repeats', type=int, default=5)
@@ -366,11 +374,11 @@ def main(argv=None) -> int:
   try:
     args, overrides = config_lib.parse_with_overrides(parser, argv)
     if args.command == 'moe-layer' and overrides:
-      raise config_lib.ConfigError(f'moe-layer takes no config overrides: {overrides[0]}')
+      raise ConfigError(f'moe-layer takes no config overrides: {overrides[0]}')
     if args.command != 'moe-layer':
       args.overrides = args.overrides + overrides
     args.run(args)
-  except config_lib.ConfigError as error:
+  except ConfigError as error:
     print(f'benchmark: error: {error}', file=sys.stderr)
     return 2
   return 0

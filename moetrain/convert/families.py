@@ -122,7 +122,8 @@ def _moe_from_hf(m, e, hf: dict, family: Family, source: str) -> None:
   e.layer_interval = hf.get('decoder_sparse_step') or hf.get('moe_layer_freq') or 1
   e.aux_loss_weight = float(hf.get('router_aux_loss_coef', e.aux_loss_weight))
   e.z_loss_weight = float(hf.get('router_z_loss_coef', 0.0))
-  e.capacity_factor = 0.0  # checkpoints were trained dropless; fine-tuning keeps it so
+  # Checkpoints were trained dropless; fine-tuning and its evaluation keep it so.
+  e.capacity_factor = e.eval_capacity_factor = 0.0
   if family.model_type == 'qwen2_moe':
     m.attention_bias = bool(hf.get('qkv_bias', True))
     e.num_shared_experts = 1 if hf.get('shared_expert_intermediate_size') else 0

@@ -12,7 +12,7 @@ from moetrain.models.layers import RMSNorm, attend, param, zeros
 class Attention(nnx.Module):
   """Multi-head causal attention; `num_kv_heads < num_heads` shares each K/V head (GQA)."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, rngs: nnx.Rngs, mesh=None):
     d, n, kv = config.d_model, config.num_heads, config.num_kv_heads
     h = config.head_dim or d // n
     self.wq = param(rngs, (d, n, h), ('embed', 'heads', 'head_dim'), config)
@@ -24,6 +24,7 @@ class Attention(nnx.Module):
       self.k_bias = zeros((kv, h), ('kv_heads', 'head_dim'), config)
       self.v_bias = zeros((kv, h), ('kv_heads', 'head_dim'), config)
     self.qk_norm = config.qk_norm
+    self.mesh = mesh  # where a fused kernel runs per device
     if config.qk_norm != 'none':
       per_head = config.qk_norm == 'per_head'
       self.q_norm = RMSNorm(h if per_head else n * h, config)

@@ -1,30 +1,26 @@
-"""Token dispatch and combine for sparse MoE layers, and the SwiGLU expert computation.
+"""The capacity plan of sparse MoE layers: slots in [G, E, C] buffers, dispatch and combine.
 
-Shape suffixes: G dispatch groups, T tokens per group, D model dim, F expert hidden dim,
-E experts, C capacity (slots per expert per group), K experts per token; N = T·K assignments
-and S = E·C buffer rows of a group.
+Shape suffixes: G dispatch groups, T tokens per group, D model dim, E experts, C capacity
+(slots per expert per group), K experts per token; N = T·K assignments and S = E·C buffer rows
+of a group.
 
-Token choice (top-k) routing has three interchangeable backends: 'einsum' (GShard one-hot
-[G, T, E, C] tensors, the readable reference), 'capacity' (row gathers by index tables, in the
-backward pass too, without any [T, E, C] tensor: the fast path) and 'dropless' (no capacity:
-sort by expert and grouped matmuls, in `dropless`). An expert index >= E is a null expert
-(AdaMoE): never kept, takes no capacity and adds exactly zero. Expert choice routing hands over
-a slot table [G, E, C] of token indices, in which the sentinel T marks an empty slot; it runs on
-'einsum' or 'capacity'.
+Two interchangeable backends build the buffers and combine the results: 'einsum' (GShard
+one-hot [G, T, E, C] tensors, the readable reference) and 'capacity' (row gathers by index
+tables, in the backward pass too, without any [T, E, C] tensor: the fast path). An expert
+index >= E is a null expert (AdaMoE): never kept, takes no capacity and adds exactly zero.
+Expert choice routing hands over a slot table [G, E, C] of token indices, in which the sentinel
+T marks an empty slot. `pipeline` runs these stages; dropless routing has no buffers at all.
 """
 
 import jax
 import jax.numpy as jnp
 
-from moetrain.models import dropless, routing
-
-BACKENDS = ('einsum', 'capacity', 'dropless')
-CAPACITY_BACKENDS = ('einsum', 'capacity')
+BACKENDS = ('einsum', 'capacity')
 
 
-def _check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
-  if backend not in allowed:
-    raise ValueError(f'MoE dispatch backend {backend!r} is not one of {allowed} here')
+def _check_backend(backend: str) -> None:
+  if backend not in BACKENDS:
+    raise ValueError(f'MoE dispatch backend {backend!r} is not one of {BACKENDS}')
 
 
 # From this many experts on, a stable sort finds the slots faster than a one-hot [G, T·K, E]
@@ -200,7 +196,7 @@ def _onehot_routing(experts_GxTxK, slots_GxTxK, scale_GxTxK, num_experts, capaci
 def dispatch(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, slots_GxTxK: jax.Array,
              kept_GxTxK: jax.Array, num_experts: int, capacity: int, backend: str) -> jax.Array:
   """Each expert's capacity buffer of its kept tokens, empty slots zero: -> [G, E, C, D]."""
-  _check_backend(backend, CAPACITY_BACKENDS)
+  _check_backend(backend)
   num_groups, _, d_model = x_GxTxD.shape
   if backend == 'einsum':
     dispatch_GxTxExC = _onehot_routing(experts_GxTxK, slots_GxTxK, kept_GxTxK.astype(x_GxTxD.dtype),
@@ -216,7 +212,7 @@ def dispatch(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, slots_GxTxK: jax.Arra
 def combine(y_GxExCxD: jax.Array, experts_GxTxK: jax.Array, slots_GxTxK: jax.Array,
             kept_GxTxK: jax.Array, weights_GxTxK: jax.Array, backend: str) -> jax.Array:
   """Gate-weighted sum (in f32) of each token's kept expert outputs: -> [G, T, D], y's dtype."""
-  _check_backend(backend, CAPACITY_BACKENDS)
+  _check_backend(backend)
   num_groups, num_experts, capacity, d_model = y_GxExCxD.shape
   weights_GxTxK = weights_GxTxK.astype(jnp.float32)
   if backend == 'einsum':
@@ -236,7 +232,7 @@ def combine(y_GxExCxD: jax.Array, experts_GxTxK: jax.Array, slots_GxTxK: jax.Arr
 def dispatch_slots(x_GxTxD: jax.Array, tokens_GxExC: jax.Array,
                    backend: str = 'capacity') -> jax.Array:
   """The token of every expert slot, sentinel T reading zeros: -> [G, E, C, D]."""
-  _check_backend(backend, CAPACITY_BACKENDS)
+  _check_backend(backend)
   num_groups, tokens, d_model = x_GxTxD.shape
   if backend == 'einsum':
     # one_hot of the sentinel T is all zeros.
@@ -249,7 +245,7 @@ def dispatch_slots(x_GxTxD: jax.Array, tokens_GxExC: jax.Array,
 def combine_slots(y_GxExCxD: jax.Array, tokens_GxExC: jax.Array, weights_GxExC: jax.Array,
                   num_tokens: int, backend: str = 'capacity') -> jax.Array:
   """Weighted sum (in f32) of every token's slot outputs: -> [G, T, D], y's dtype."""
-  _check_backend(backend, CAPACITY_BACKENDS)
+  _check_backend(backend)
   num_groups, _, _, d_model = y_GxExCxD.shape
   weighted_GxExCxD = y_GxExCxD.astype(jnp.float32) * weights_GxExC.astype(jnp.float32)[..., None]
   if backend == 'einsum':
@@ -261,81 +257,3 @@ def combine_slots(y_GxExCxD: jax.Array, tokens_GxExC: jax.Array, weights_GxExC: 
         jnp.arange(num_groups)[:, None], tokens_GxExC.reshape(num_groups, -1)].add(
             weighted_GxExCxD.reshape(num_groups, -1, d_model), mode='drop')
   return y_GxTxD.astype(y_GxExCxD.dtype)
-
-
-def expert_swiglu(x_GxExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
-                  w_down_ExFxD: jax.Array) -> jax.Array:
-  """Every expert's SwiGLU MLP on its buffer, in x's dtype: -> [G, E, C, D]."""
-  num_groups, num_experts, capacity, d_model = x_GxExCxD.shape
-  dtype = x_GxExCxD.dtype
-  # Batched matmuls want the batch (expert) dim first: one layout change in and one out, rather
-  # than XLA transposing every matmul's operands and results (forward and backward; -28% of
-  # the layer's train step on CPU). B = G·C: an expert's buffer rows of all groups.
-  x_ExBxD = x_GxExCxD.transpose(1, 0, 2, 3).reshape(num_experts, num_groups * capacity, d_model)
-  gate_ExBxF = jnp.einsum('ebd,edf->ebf', x_ExBxD, w_gate_ExDxF.astype(dtype))
-  up_ExBxF = jnp.einsum('ebd,edf->ebf', x_ExBxD, w_up_ExDxF.astype(dtype))
-  y_ExBxD = jnp.einsum('ebf,efd->ebd', jax.nn.silu(gate_ExBxF) * up_ExBxF,
-                       w_down_ExFxD.astype(dtype))
-  return y_ExBxD.reshape(num_experts, num_groups, capacity, d_model).transpose(1, 0, 2, 3)
-
-
-def token_choice_ffn(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, weights_GxTxK: jax.Array,
-                     mask_GxT: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
-                     w_down_ExFxD: jax.Array, *, capacity: int, backend: str,
-                     priority_GxT: jax.Array | None = None, expert_fn=expert_swiglu,
-                     num_experts: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Top-k routed SwiGLU experts: -> (y [G, T, D] in x's dtype, kept [G, T, K] bool).
-
-  'dropless' ignores `capacity` and `priority_GxT`: it keeps every real-expert assignment.
-  `expert_fn` maps the [G, E, C, D] buffers to the experts' outputs (expert parallelism swaps
-  in one that exchanges them between devices, and passes `num_experts`, as it hands over only
-  its own experts' weights); 'dropless' has no such buffers.
-  """
-  _check_backend(backend)
-  if backend == 'dropless':
-    return dropless.dropless_ffn(x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT, w_gate_ExDxF,
-                                 w_up_ExDxF, w_down_ExFxD)
-  num_experts = num_experts or w_gate_ExDxF.shape[0]
-  slots_GxTxK, kept_GxTxK = assign_slots(experts_GxTxK, mask_GxT, num_experts, capacity,
-                                         priority_GxT=priority_GxT)
-  x_GxExCxD = dispatch(x_GxTxD, experts_GxTxK, slots_GxTxK, kept_GxTxK, num_experts, capacity,
-                       backend)
-  y_GxExCxD = expert_fn(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-  y_GxTxD = combine(y_GxExCxD, experts_GxTxK, slots_GxTxK, kept_GxTxK, weights_GxTxK, backend)
-  return y_GxTxD, kept_GxTxK
-
-
-def expert_choice_ffn(x_GxTxD: jax.Array, tokens_GxExC: jax.Array, weights_GxExC: jax.Array,
-                      w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *,
-                      backend: str, expert_fn=expert_swiglu) -> jax.Array:
-  """SwiGLU experts on the tokens each expert picked (slot table): -> [G, T, D] in x's dtype."""
-  _check_backend(backend, CAPACITY_BACKENDS)
-  x_GxExCxD = dispatch_slots(x_GxTxD, tokens_GxExC, backend)
-  y_GxExCxD = expert_fn(x_GxExCxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-  return combine_slots(y_GxExCxD, tokens_GxExC, weights_GxExC, x_GxTxD.shape[1], backend)
-
-
-def moe_ffn(x_GxTxD: jax.Array, router_w_DxE: jax.Array, w_gate_ExDxF: jax.Array,
-            w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *, top_k: int, norm_topk_prob: bool,
-            capacity: int, backend: str,
-            mask_GxT: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Softmax top-k routed SwiGLU experts: -> (y [G, T, D] in x's dtype, losses and metrics)."""
-  _check_backend(backend)
-  num_experts = router_w_DxE.shape[-1]
-  if mask_GxT is None:
-    mask_GxT = jnp.ones(x_GxTxD.shape[:2], jnp.float32)
-  logits_GxTxE = jnp.einsum('gtd,de->gte', x_GxTxD.astype(jnp.float32),
-                            router_w_DxE.astype(jnp.float32))
-  probs_GxTxE = routing.router_probabilities(logits_GxTxE)
-  weights_GxTxK, experts_GxTxK = routing.top_k_gates(probs_GxTxE, top_k, norm_topk_prob)
-  y_GxTxD, kept_GxTxK = token_choice_ffn(x_GxTxD, experts_GxTxK, weights_GxTxK, mask_GxT,
-                                         w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD,
-                                         capacity=capacity, backend=backend)
-  aux = {
-      'aux_loss': routing.load_balance_loss(probs_GxTxE, experts_GxTxK, mask_GxT),
-      'z_loss': routing.router_z_loss(logits_GxTxE, mask_GxT),
-      'expert_fraction': routing.expert_fraction(experts_GxTxK, mask_GxT, num_experts),
-      'dropped_fraction': dropped_fraction(kept_GxTxK, mask_GxT, experts_GxTxK=experts_GxTxK,
-                                           num_experts=num_experts),
-  }
-  return y_GxTxD, aux

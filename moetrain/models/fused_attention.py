@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.extend import backend as jax_backend
-from jax.sharding import PartitionSpec as P
 
-from moetrain.parallel.mesh import BATCH_AXES
+from moetrain.parallel import sharding
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SPLASH_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -51,15 +50,15 @@ def implementation(platform: str, dtype, q_shape, v_shape, *, segments: bool,
   return 'xla'
 
 
-def attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, scale=None):
+def attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL=None, scale=None, *, mesh=None):
   """Causal self-attention [B, L, N, H] (K divides N), within segments when given, by the
-  implementation the default backend and the context mesh allow."""
+  implementation the default backend and the model's `mesh` allow."""
   platform, capability = current_platform()
   choice = implementation(platform, q_BxLxNxH.dtype, q_BxLxNxH.shape, v_BxLxKxH.shape,
                           segments=segments_BxL is not None, cuda_capability=capability,
-                          shards=mesh_shards(jax.sharding.get_abstract_mesh()))
+                          shards=mesh_shards(mesh))
   if choice == 'splash':
-    return splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale)
+    return splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale, mesh=mesh)
   return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
                                       mask=same_segment(segments_BxL), is_causal=True,
                                       scale=scale, implementation=choice)
@@ -84,25 +83,14 @@ def current_platform() -> tuple[str, tuple[int, int] | None]:
 
 def mesh_shards(mesh) -> tuple[int, int]:
   """How many ways `mesh` splits attention's batch and heads (1, 1 without a mesh)."""
-  if mesh.empty:
-    return 1, 1
-  batch_axes, head_axis = _mesh_axes(mesh)
-  return (math.prod(mesh.shape[axis] for axis in batch_axes),
-          mesh.shape[head_axis] if head_axis else 1)
-
-
-def _mesh_axes(mesh) -> tuple[tuple[str, ...], str | None]:
-  """The axes of `mesh` that split the batch, and the one that splits heads (as in
-  `parallel.sharding.RULES`)."""
-  return (tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names),
-          'tensor' if 'tensor' in mesh.axis_names else None)
+  return sharding.shards(mesh, 'batch'), sharding.shards(mesh, 'heads')
 
 
 def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxV, segments_BxL=None, scale=None, *,
-                     interpret: bool = False):
+                     mesh=None, interpret: bool = False):
   """Causal self-attention [B, L, N, V] by the splash kernel (L a multiple of 128), on each
-  device's block of batch and heads under a context mesh. `interpret` runs the kernel on any
-  backend (for tests)."""
+  device's block of batch and heads of `mesh`. `interpret` runs the kernel on any backend
+  (for tests)."""
   scale = q_BxLxNxH.shape[-1] ** -0.5 if scale is None else scale
 
   def local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxV, segments_BxL):
@@ -121,15 +109,12 @@ def splash_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxV, segments_BxL=None, scale=N
                                    heads_first(v_BxLxKxV), segment_ids=ids)
     return heads_first(out_BxNxLxV)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if mesh is None:
     return local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxV, segments_BxL)
   # GSPMD cannot split a Pallas kernel: each device runs it on its block of batch and heads.
-  batch_axes, head_axis = _mesh_axes(mesh)
-  batch_axes = batch_axes or None
-  heads_spec = P(batch_axes, None, head_axis, None)
+  heads_spec = sharding.spec(mesh, 'batch', None, 'heads', None)
   # check_vma=False: the kernel's outputs carry no record of the mesh axes they vary over.
   return jax.shard_map(local, mesh=mesh,
-                       in_specs=(heads_spec, heads_spec, heads_spec, P(batch_axes)),
+                       in_specs=(heads_spec, heads_spec, heads_spec, sharding.spec(mesh, 'batch')),
                        out_specs=heads_spec, check_vma=False)(
                            q_BxLxNxH, k_BxLxKxH, v_BxLxKxV, segments_BxL)

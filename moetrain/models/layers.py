@@ -30,11 +30,12 @@ class KVCache(nnx.Variable):
 
 def attend(module, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL=None,
            scale=None):
-  """Causal attention, by a fused kernel where the platform has one that fits (see
-  `fused_attention`). With a cache on `module` (`init_cache`), this call's keys and values
+  """Causal attention, by a fused kernel where the platform has one that fits on
+  `module.mesh` (see `fused_attention`). With a cache on `module` (`init_cache`), this call's keys and values
   are written at their positions and each query attends to every slot up to its position."""
   if not hasattr(module, 'cache_k'):
-    return fused_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale)
+    return fused_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale,
+                                     mesh=module.mesh)
   start = positions_BxL[0, 0]  # the rows of a decoding batch share positions
   for name, new in (('cache_k', k_BxLxKxH), ('cache_v', v_BxLxKxH)):
     cache = getattr(module, name)

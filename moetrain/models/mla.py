@@ -17,7 +17,7 @@ from moetrain.models.layers import RMSNorm, attend, param
 class LatentAttention(nnx.Module):
   """MLA with `q_lora_rank` (0: full-rank queries) and `kv_lora_rank` latents."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, rngs: nnx.Rngs, mesh=None):
     d, n = config.d_model, config.num_heads
     nope, rot, v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     if config.q_lora_rank:
@@ -37,6 +37,7 @@ class LatentAttention(nnx.Module):
     self.rope = (rot, config.rope_theta, scaling)
     self.scale = rope.softmax_scale(nope + rot, scaling)
     self.dtype = jnp.dtype(config.dtype)
+    self.mesh = mesh  # where a fused kernel runs per device
 
   def cache_shapes(self, batch: int, length: int) -> tuple:
     """Shapes of the cached (per-head, expanded) keys and zero-padded values."""

@@ -7,9 +7,13 @@ from flax import nnx
 from moetrain.models.layers import param
 
 
-def swiglu(x, w_gate, w_up, w_down):
-  """`W_down(silu(x·W_gate) ⊙ (x·W_up))` over the last axis of x; [..., D] → [..., D]."""
-  return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(x, w_gate, w_up, w_down, matmul=jnp.matmul):
+  """`W_down(silu(x·W_gate) ⊙ (x·W_up))` over the last axis of x: [..., D] → [..., D].
+
+  The one SwiGLU of every path: a dense MLP, experts batched over their capacity buffers
+  (x [E, B, D] with weights [E, D, F]) or experts on sorted rows (`matmul` a grouped matmul).
+  """
+  return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
 
 class MLP(nnx.Module):

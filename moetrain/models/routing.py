@@ -238,6 +238,8 @@ def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
 
 
 def max_over_mean(load_E: jax.Array) -> jax.Array:
-  """Imbalance max_i load_i / mean_i load_i (1.0 is balanced; 0.0 when there is no load): -> []."""
+  """Imbalance max_i load_i / mean_i load_i over the last axis (1.0 is balanced; 0.0 when
+  there is no load): [..., E] -> [...]."""
   load_E = load_E.astype(jnp.float32)
-  return jnp.max(load_E) / jnp.maximum(jnp.mean(load_E), _TINY)
+  # Loads are >= 0, so the initial 0 changes nothing but lets a model without experts report.
+  return jnp.max(load_E, axis=-1, initial=0.0) / jnp.maximum(jnp.mean(load_E, axis=-1), _TINY)

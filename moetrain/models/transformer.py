@@ -9,12 +9,8 @@ from moetrain.models.layers import KVCache, RMSNorm, param
 from moetrain.models.mla import LatentAttention
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
+from moetrain.models.routing_stats import empty as no_routing_stats
 from moetrain.parallel import sharding
-
-# Routing statistics every MoE layer reports; stacked over MoE layers as [num_moe_layers, ...].
-STAT_SHAPES = {'aux_loss': (), 'z_loss': (), 'expert_fraction': ('E',), 'max_load': (),
-               'dropped_fraction': (), 'experts_per_token': (), 'router_entropy': (),
-               'router_bias': ('E',)}
 
 
 def init_cache(model, batch: int, length: int) -> None:
@@ -40,12 +36,14 @@ def is_moe_layer(config, index: int) -> bool:
 class Block(nnx.Module):
   """Pre-norm residual block: attention, then a dense MLP or an MoE feed-forward."""
 
-  def __init__(self, config, moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, config, moe: bool, *, rngs: nnx.Rngs, mesh=None):
     self.attention_norm = RMSNorm(config.d_model, config)
-    self.attention = (LatentAttention(config, rngs=rngs) if config.attention == 'mla' else
-                      Attention(config, rngs=rngs))
+    self.attention = (LatentAttention(config, rngs=rngs, mesh=mesh) if config.attention == 'mla'
+                      else Attention(config, rngs=rngs, mesh=mesh))
     self.ffn_norm = RMSNorm(config.d_model, config)
-    self.ffn = MoE(config, rngs=rngs) if moe else MLP(config, config.d_ff, rngs=rngs)
+    self.ffn = (MoE(config, rngs=rngs, mesh=mesh) if moe else
+                MLP(config, config.d_ff, rngs=rngs))
+    self.mesh = mesh
 
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                rng):
@@ -56,7 +54,7 @@ class Block(nnx.Module):
       y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor, train=train, rng=rng)
     else:
       y_BxLxD, stats = self.ffn(h_BxLxD), None
-    return sharding.constrain_batch(x_BxLxD + y_BxLxD), stats
+    return sharding.constrain(x_BxLxD + y_BxLxD, self.mesh, 'batch', None, None), stats
 
 
 # `train.remat` → the `jax.checkpoint` policy of each block (None: no rematerialisation).
@@ -105,7 +103,8 @@ class Transformer(nnx.Module):
     `mesh` is the device mesh the model runs on (None: one device, or whatever GSPMD makes
     of the inputs' shardings); it fixes how the MoE layers exchange tokens."""
     self.embed = param(rngs, (config.vocab_size, config.d_model), ('vocab', 'embed'), config)
-    blocks = [Block(config, is_moe_layer(config, i), rngs=rngs) for i in range(config.num_layers)]
+    blocks = [Block(config, is_moe_layer(config, i), rngs=rngs, mesh=mesh)
+              for i in range(config.num_layers)]
     self.scan_layers = bool(config.get('scan_layers', False))
     if remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r} must be one of {", ".join(REMAT_POLICIES)}')
@@ -135,10 +134,10 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens_BxL, mask_BxL=None, capacity_factor: float = 0.0, *,
               train: bool = False, rng=None, segments_BxL=None, positions_BxL=None):
-    """Logits [B, L, V] (float32) and routing statistics stacked over MoE layers.
+    """Logits [B, L, V] (float32) and the `RoutingStats` of the MoE layers, stacked.
 
     `mask_BxL` marks real tokens (padding is kept out of routing statistics and capacity);
-    `capacity_factor <= 0` routes dropless. `train=True` enables router jitter (drawn from
+    `capacity_factor` 0 routes dropless. `train=True` enables router jitter (drawn from
     `rng`) and updates the balancing biases in place. With `segments_BxL` (documents packed
     into a row, see `data.packing`) a token attends only within its own segment;
     `positions_BxL` default to 0, 1, … along each row.
@@ -148,7 +147,7 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
-    x_BxLxD = sharding.constrain_batch(x_BxLxD)
+    x_BxLxD = sharding.constrain(x_BxLxD, self.mesh, 'batch', None, None)
     args = (positions_BxL, segments_BxL, mask_BxL, capacity_factor, train, rng)
     if self.scan_layers:
       x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)
@@ -222,5 +221,4 @@ class Transformer(nnx.Module):
   def _stack(self, layer_stats):
     if layer_stats:
       return jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
-    shape = lambda dims: (0,) + tuple(self.num_experts if d == 'E' else d for d in dims)
-    return {name: jnp.zeros(shape(dims), jnp.float32) for name, dims in STAT_SHAPES.items()}
+    return no_routing_stats(self.num_experts)

@@ -7,7 +7,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 
 AXES = ('data', 'fsdp', 'expert', 'tensor')
 # Expert-parallel ranks hold different data too, as in GShard and Switch.
@@ -36,7 +36,7 @@ def _describe(mesh_config):
 def check_layout(config, shape: tuple[int, ...]) -> None:
   """Checks that the batch and the model divide over the mesh axes that split them."""
   sizes = dict(zip(AXES, shape))
-  batch_shards = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  batch_shards = math.prod(sizes[axis] for axis in BATCH_AXES)
   groups = config.train.batch_size // config.model.moe.group_size
   if groups % batch_shards:
     raise ConfigError(

@@ -1,7 +1,8 @@
-"""Logical axis names → mesh axes: the one rules table, and shardings derived from it.
+"""Logical axis names → mesh axes: the one rules table, and every sharding derived from it.
 
-Parameters carry logical axis names (`out_sharding` metadata on each `nnx.Param`); the mesh
-layout of every parameter, optimizer moment and batch follows from `RULES`.
+Parameters carry logical axis names (`out_sharding` metadata on each `nnx.Param`), and so do the
+activations the code pins or splits by hand (`spec`, `constrain`); the mesh layout of every
+parameter, optimizer moment, batch and activation follows from `RULES`.
 """
 
 import jax
@@ -11,12 +12,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moetrain.parallel.mesh import BATCH_AXES
 
 RULES = {
+    # Activations and batches: sequences (and dispatch groups of whole sequences) are split
+    # over every data-holding axis.
     'batch': BATCH_AXES,
     'vocab': 'tensor',
     # Expert-parallel ranks hold different data, so for every weight that is not an expert's
-    # they are FSDP ranks too; an expert's `embed` takes only 'fsdp' (its 'expert' axis is
-    # split by expert already).
+    # they are FSDP ranks too.
     'embed': ('fsdp', 'expert'),
+    # An expert weight's model dimension: its 'expert' axis is split by expert already.
+    'expert_embed': 'fsdp',
     'mlp': 'tensor',
     'heads': 'tensor',
     'kv_heads': 'tensor',
@@ -28,19 +32,42 @@ RULES = {
     'layers': None,
 }
 
+# The routed experts' weights: w_gate and w_up [E, D, F], w_down [E, F, D].
+EXPERT_IN_AXES = ('expert', 'expert_embed', 'mlp')
+EXPERT_OUT_AXES = ('expert', 'mlp', 'expert_embed')
 
-def logical_to_spec(logical_axes) -> PartitionSpec:
+
+def logical_to_spec(logical_axes, mesh_axes=None) -> PartitionSpec:
   """Maps a tuple of logical axis names (None = replicated) to a mesh PartitionSpec; a mesh
-  axis already used by an earlier dimension is left out of later ones."""
+  axis already used by an earlier dimension is left out of later ones, and so is one that
+  `mesh_axes` (when given) does not have."""
   if not logical_axes:
     return PartitionSpec()
   used, spec = set(), []
   for name in logical_axes:
     rule = RULES[name] if name else None
-    axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a not in used)
+    axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ())
+                 if a not in used and (mesh_axes is None or a in mesh_axes))
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
   return PartitionSpec(*spec)
+
+
+def spec(mesh, *logical_axes) -> PartitionSpec:
+  """The PartitionSpec of an array with these logical axes on `mesh` (axes it lacks dropped)."""
+  return logical_to_spec(logical_axes, tuple(mesh.axis_names))
+
+
+def shards(mesh, *logical_axes) -> int:
+  """Into how many pieces `mesh` splits an array along these logical axes together (1 without
+  a mesh)."""
+  if mesh is None:
+    return 1
+  count = 1
+  for entry in spec(mesh, *logical_axes):
+    for axis in (entry,) if isinstance(entry, str) else entry or ():
+      count *= mesh.shape[axis]
+  return count
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh):
@@ -53,19 +80,18 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of `[batch, seq]` arrays: sequences split over all data-holding axes."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+  return NamedSharding(mesh, spec(mesh, 'batch', None))
 
 
-def constrain_batch(x_BxLxD: jax.Array) -> jax.Array:
-  """Pins an activation's batch axis to the batch axes of the context mesh, if one is set.
+def constrain(x: jax.Array, mesh, *logical_axes) -> jax.Array:
+  """Pins an activation to the layout its logical axes give on `mesh` (None: left as it is).
 
   Applied at block edges, so the layout between blocks never depends on how GSPMD
   propagates through attention and the experts.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x_BxLxD
-  return jax.lax.with_sharding_constraint(x_BxLxD, PartitionSpec(BATCH_AXES))
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(mesh, *logical_axes)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,9 +1,11 @@
 """Hugging Face checkpoints of every supported family convert to moetrain and back exactly."""
 
+import jax
 import numpy as np
 import pytest
 
 import moetrain
+from moetrain import hlo_stats
 from moetrain.convert import hf
 from moetrain.convert.safetensors_io import Reader
 
@@ -80,3 +82,32 @@ def test_family_converts_with_equal_logits_and_round_trips_bitwise(name, tmp_pat
       assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), tensor
   with torch.no_grad():
     np.testing.assert_array_equal(reloaded(torch.tensor(tokens)).logits.numpy(), expected)
+
+
+def _qwen3_moe_forward_cost(num_experts, folder):
+  """(FLOPs with loops counted as they run, XLA's own FLOP count, temporary bytes) of the
+  jitted forward of a converted one-layer Qwen3-MoE (d_model 64, top-2) on 4 × 256 tokens."""
+  config = transformers.Qwen3MoeConfig(
+      vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+      num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=64,
+      norm_topk_prob=True)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / 'hf')
+  hf.hf_to_moetrain(folder / 'hf', folder / 'moetrain')
+  model, _ = moetrain.load(folder / 'moetrain')
+  tokens = np.zeros((4, 256), np.int32)
+  compiled = jax.jit(lambda tokens: model(tokens)).lower(tokens).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (hlo_stats.module_stats(compiled.as_text()).dot_flops, cost['flops'],
+          compiled.memory_analysis().temp_size_in_bytes)
+
+
+def test_dropless_forward_costs_what_it_computes_not_every_expert(tmp_path):
+  """Eight times the experts at the same top-2: the routed rows stay the same, so FLOPs and
+  temporary memory barely move (a dense product over all experts would grow ~E-fold)."""
+  flops_8, xla_flops_8, temp_8 = _qwen3_moe_forward_cost(8, tmp_path / 'e8')
+  flops_64, xla_flops_64, temp_64 = _qwen3_moe_forward_cost(64, tmp_path / 'e64')
+  assert flops_64 <= 1.25 * flops_8, (flops_8, flops_64)
+  assert xla_flops_64 <= 1.25 * xla_flops_8, (xla_flops_8, xla_flops_64)
+  assert temp_64 <= 1.3 * temp_8, (temp_8, temp_64)

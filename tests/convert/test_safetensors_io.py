@@ -10,8 +10,8 @@ import pytest
 import safetensors
 from safetensors.numpy import save_file
 
-from moetrain.config import ConfigError
 from moetrain.convert.safetensors_io import ConversionError, Reader, write_checkpoint
+from moetrain.errors import ConfigError
 
 
 def _tensors():

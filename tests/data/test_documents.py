@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moetrain.config import ConfigError
 from moetrain.data import documents
+from moetrain.errors import ConfigError
 
 
 def _one_line(error_info):

@@ -7,7 +7,7 @@ import pytest
 from moetrain import config as config_lib
 from moetrain.data.packing import document_segments
 from moetrain.data.tokenizer import EOS_ID
-from moetrain.trainer import build_model
+from moetrain.state import build_model
 
 E = EOS_ID
 

@@ -9,12 +9,46 @@ import pytest
 from jax.extend import core as jax_core
 from reference_moe import moe_loop_reference, token_choice_loop_reference
 
-from moetrain.models import dispatch, routing
+from moetrain.models import dispatch, pipeline, routing, routing_stats
 
 RTOL, ATOL = 1e-5, 1e-6
 PARAM_NAMES = ('x', 'router_w', 'w_gate', 'w_up', 'w_down')
 # One compilation per shape instead of one per op: op-by-op dispatch would compile far more.
 assign_slots = jax.jit(dispatch.assign_slots, static_argnums=(2, 3))
+# The two capacity-buffer backends, and the dropless pipeline (no capacity).
+BACKENDS = (*dispatch.BACKENDS, 'dropless')
+
+
+def token_choice_ffn(x, experts, gates, mask, w_gate, w_up, w_down, *, capacity, backend,
+                     priority_GxT=None):
+  """The pipeline with `backend`'s buffers, or dropless: -> (y, kept)."""
+  return pipeline.token_choice(x, experts, gates, mask, (w_gate, w_up, w_down),
+                               num_experts=w_gate.shape[0],
+                               capacity=None if backend == 'dropless' else capacity,
+                               backend=backend, priority_GxT=priority_GxT)
+
+
+def dropped_fraction(kept, mask, experts, num_experts):
+  dropped, real = routing_stats.drop_counts(experts, kept, mask, num_experts)
+  return dropped / jnp.maximum(real, 1.0)
+
+
+def moe_ffn(x, router_w, w_gate, w_up, w_down, *, top_k, norm_topk_prob, capacity, backend,
+            mask_GxT):
+  """Softmax top-k routing into the pipeline: -> (y, losses and the metrics checked here)."""
+  logits = jnp.einsum('gtd,de->gte', x, router_w)
+  probs = routing.router_probabilities(logits)
+  gates, experts = routing.top_k_gates(probs, top_k, norm_topk_prob)
+  y, kept = token_choice_ffn(x, experts, gates, mask_GxT, w_gate, w_up, w_down,
+                             capacity=capacity, backend=backend)
+  stats = routing_stats.token_choice(
+      probs_GxTxR=probs, logits_GxTxR=logits, experts_GxTxK=experts, kept_GxTxK=kept,
+      mask_GxT=mask_GxT, num_experts=router_w.shape[-1],
+      aux_loss=routing.load_balance_loss(probs, experts, mask_GxT), bias_E=None)
+  metrics = routing_stats.layer_metrics(stats)
+  return y, {'aux_loss': stats.aux_loss, 'z_loss': metrics['z_loss_per_layer'],
+             'expert_fraction': metrics['expert_fraction'],
+             'dropped_fraction': metrics['dropped_fraction']}
 
 
 def make_case(seed, G, T, D, F, E, *, pad=False, hot=None, cold=None):
@@ -71,8 +105,8 @@ def objective(y, aux_loss, z_loss):
 
 
 def package_objective(params, mask, backend, **settings):
-  y, aux = dispatch.moe_ffn(*(params[n] for n in PARAM_NAMES), mask_GxT=mask, backend=backend,
-                            **settings)
+  y, aux = moe_ffn(*(params[n] for n in PARAM_NAMES), mask_GxT=mask, backend=backend,
+                   **settings)
   return objective(y, aux['aux_loss'], aux['z_loss']), (y, aux)
 
 
@@ -80,7 +114,7 @@ def package_objective(params, mask, backend, **settings):
 def package_grads(params, mask, **settings):
   """All backends in one compilation: {backend: (grads, (y, aux))}."""
   grad_fn = jax.grad(package_objective, has_aux=True)
-  return {backend: grad_fn(params, mask, backend, **settings) for backend in dispatch.BACKENDS}
+  return {backend: grad_fn(params, mask, backend, **settings) for backend in BACKENDS}
 
 
 def assert_capacity_equals_einsum(results, names):
@@ -212,7 +246,7 @@ def test_priority_serves_first_choices_by_priority_then_second_choices():
   _, kept_by_position = assign_slots(experts, mask, 2, 2)
   np.testing.assert_array_equal(kept_by_position, [[[True, True], [True, False], [True, False],
                                                     [False, False]]])
-  fraction = dispatch.dropped_fraction(kept, mask, experts_GxTxK=experts, num_experts=2)
+  fraction = dropped_fraction(kept, mask, experts, 2)
   np.testing.assert_allclose(fraction, 3 / 7)  # the null choice is no drop
 
 
@@ -271,12 +305,12 @@ def token_choice_grads(params, experts, mask, priority, capacity):
   """All backends in one compilation: {backend: (grads, (y, kept))}."""
 
   def loss(params, backend):
-    y, kept = dispatch.token_choice_ffn(
+    y, kept = token_choice_ffn(
         params['x'], experts, params['weights'], mask, params['w_gate'], params['w_up'],
         params['w_down'], capacity=capacity, backend=backend, priority_GxT=priority)
     return jnp.sum(y * cotangent(y)), (y, kept)
 
-  return {backend: jax.grad(loss, has_aux=True)(params, backend) for backend in dispatch.BACKENDS}
+  return {backend: jax.grad(loss, has_aux=True)(params, backend) for backend in BACKENDS}
 
 
 def token_choice_reference(params, experts, mask, priority, capacity):
@@ -317,8 +351,7 @@ def test_token_choice_ffn_matches_loop_reference_outputs_and_gradients(name):
     kept = np.asarray(kept)
     assert set(zip(*np.nonzero(real & ~null & ~kept))) == info['dropped'], backend
     assert not (kept & (null | ~real)).any(), backend
-    fraction = dispatch.dropped_fraction(kept, mask, experts_GxTxK=experts,
-                                         num_experts=num_experts)
+    fraction = dropped_fraction(kept, mask, experts, num_experts)
     np.testing.assert_allclose(fraction, info['dropped_fraction'], rtol=RTOL, err_msg=backend)
     # Null, dropped and padding assignments add exactly nothing and get no gate gradient.
     assert np.all(np.asarray(grads['weights'])[~kept] == 0.0), backend
@@ -348,7 +381,7 @@ def test_capacity_forward_and_backward_move_token_vectors_by_gathers_only():
   params, experts, mask, priority, capacity = token_choice_data('k2_null_position_pad')
 
   def loss(params, backend):
-    y, _ = dispatch.token_choice_ffn(
+    y, _ = token_choice_ffn(
         params['x'], experts, params['weights'], mask, params['w_gate'], params['w_up'],
         params['w_down'], capacity=capacity, backend=backend, priority_GxT=priority)
     return jnp.sum(y * cotangent(y))
@@ -379,7 +412,7 @@ def capacity_backends(x, experts, slots, kept, weights, y_e, ct_x_e, ct_y, *, nu
                       capacity):
   """Per backend: (dispatch(x), combine(y_e), x cotangent, y_e and weight cotangents)."""
   results = {}
-  for backend in dispatch.CAPACITY_BACKENDS:
+  for backend in dispatch.BACKENDS:
     x_e, dispatch_vjp = jax.vjp(
         lambda x_: dispatch.dispatch(x_, experts, slots, kept, num_experts, capacity, backend), x)
     y, combine_vjp = jax.vjp(
@@ -425,7 +458,7 @@ def test_dropped_fraction_counts_only_real_expert_assignments():
   mask = jnp.array([[1.0, 0.0, 1.0]])
   # Real-expert assignments of real tokens: token 0 (1 of 2 dropped) and token 2 (its first
   # choice, kept; the second is null) -> 1 / 3.
-  fraction = dispatch.dropped_fraction(kept, mask, experts_GxTxK=experts, num_experts=2)
+  fraction = dropped_fraction(kept, mask, experts, 2)
   np.testing.assert_allclose(fraction, 1 / 3)
 
 
@@ -444,5 +477,5 @@ def test_unknown_backend_raises():
   tokens = jnp.zeros((x.shape[0], E, C), jnp.int32)
   w = jnp.zeros((E, x.shape[2], 2))
   with pytest.raises(ValueError, match='dropless'):
-    dispatch.expert_choice_ffn(x, tokens, tokens * 1.0, w, w, w.transpose(0, 2, 1),
-                               backend='dropless')
+    pipeline.expert_choice(x, tokens, tokens * 1.0, (w, w, w.transpose(0, 2, 1)),
+                           backend='dropless')

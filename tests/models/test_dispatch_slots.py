@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from reference_moe import expert_choice_loop_reference
 
-from moetrain.models import dispatch
+from moetrain.models import dispatch, pipeline
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -37,7 +37,7 @@ def random_slot_table(seed, G=2, T=6, D=3, E=3, C=4):
 def slot_backends(x, tokens, weights, y_e, ct_y):
   """Per backend: (dispatch_slots(x), combine_slots(y_e), x, y_e and weight cotangents)."""
   results = {}
-  for backend in dispatch.CAPACITY_BACKENDS:
+  for backend in dispatch.BACKENDS:
     x_e, dispatch_vjp = jax.vjp(lambda x_: dispatch.dispatch_slots(x_, tokens, backend), x)
     y, combine_vjp = jax.vjp(
         lambda y_, w_: dispatch.combine_slots(y_, tokens, w_, x.shape[1], backend), y_e, weights)
@@ -75,12 +75,13 @@ def expert_choice_grads(params, tokens):
   """Both slot backends in one compilation: {backend: (grads, y)}."""
 
   def loss(params, backend):
-    y = dispatch.expert_choice_ffn(params['x'], tokens, params['weights'], params['w_gate'],
-                                   params['w_up'], params['w_down'], backend=backend)
+    y = pipeline.expert_choice(params['x'], tokens, params['weights'],
+                               (params['w_gate'], params['w_up'], params['w_down']),
+                               backend=backend)
     return jnp.sum(y * cotangent(y)), y
 
   return {backend: jax.grad(loss, has_aux=True)(params, backend)
-          for backend in dispatch.CAPACITY_BACKENDS}
+          for backend in dispatch.BACKENDS}
 
 
 def test_expert_choice_ffn_matches_loop_reference_outputs_and_gradients():

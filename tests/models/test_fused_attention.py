@@ -1,6 +1,8 @@
 """The attention implementation each platform gets, and that every path equals plain softmax
 attention: XLA through `attend` on CPU, the splash kernel in interpret mode."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,7 +84,8 @@ def test_attend_on_cpu_equals_softmax_attention(kv_heads, with_segments, scale):
   q, k, v, segments = inputs(batch=2, length=10, heads=4, kv_heads=kv_heads, head_dim=8)
   segments = segments if with_segments else None
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  out = attend(object(), q, k, v, positions, segments, scale=scale)
+  module = types.SimpleNamespace(mesh=None)  # an attention layer without a cache, on no mesh
+  out = attend(module, q, k, v, positions, segments, scale=scale)
   expected = reference(q, k, v, segments, 8 ** -0.5 if scale is None else scale)
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -97,18 +100,15 @@ def test_splash_kernel_equals_xla(with_segments, mesh_shape):
 
   def loss(attention):
     return lambda q, k, v: jnp.sum(attention(q, k, v) * weights_H)
+  mesh = None if mesh_shape is None else jax.make_mesh(
+      mesh_shape, ('data', 'fsdp', 'expert', 'tensor'),
+      axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=jax.devices()[:4])
   splash = lambda q, k, v: fused_attention.splash_attention(q, k, v, segments, scale=0.2,
-                                                            interpret=True)
+                                                            mesh=mesh, interpret=True)
   xla = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=fused_attention.same_segment(segments), is_causal=True, scale=0.2,
       implementation='xla')
   expected = xla(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v)
-  if mesh_shape is None:
-    got = jax.jit(splash)(q, k, v), jax.jit(jax.grad(loss(splash), (0, 1, 2)))(q, k, v)
-  else:
-    mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp', 'expert', 'tensor'),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=jax.devices()[:4])
-    with jax.set_mesh(mesh):
-      got = jax.jit(splash)(q, k, v), jax.jit(jax.grad(loss(splash), (0, 1, 2)))(q, k, v)
+  got = jax.jit(splash)(q, k, v), jax.jit(jax.grad(loss(splash), (0, 1, 2)))(q, k, v)
   for got_x, expected_x in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got_x, expected_x, atol=2e-5)

@@ -6,7 +6,7 @@ from flax import nnx
 
 from moetrain import config as config_lib
 from moetrain.models import layout
-from moetrain.trainer import build_model
+from moetrain.state import build_model
 
 
 def _weights(scan: bool):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moetrain import config as config_lib
-from moetrain.models import routing
+from moetrain.models import routing, routing_stats
 from moetrain.models.moe import MoE
 from reference_moe import (expert_choice_loop_reference, moe_loop_reference,
                            token_choice_loop_reference)
@@ -29,6 +29,14 @@ def block_and_input(config, seed, batch=4, length=6):
   mask = np.ones((batch, length), bool)
   mask[-1, -2:] = False  # padding takes no capacity and is not counted
   return block, x, jnp.asarray(mask)
+
+
+def run(block, x, mask, capacity_factor, **kwargs):
+  """The block's output and its statistics as metrics, the losses under their own names."""
+  y, stats = block(x, mask, capacity_factor, **kwargs)
+  metrics = routing_stats.layer_metrics(stats)
+  return y, {'aux_loss': metrics['aux_loss_per_layer'], 'z_loss': metrics['z_loss_per_layer'],
+             **metrics}
 
 
 def starve_expert(block, expert):
@@ -59,7 +67,7 @@ def test_block_equals_per_token_loop(dispatch, capacity_factor, group_size, top_
   starve_expert(block, expert=3)
   capacity = routing.expert_capacity(group_size * x.shape[1], top_k, 4, capacity_factor, 1)
 
-  y, stats = block(x, mask, capacity_factor)
+  y, stats = run(block, x, mask, capacity_factor)
   y_ref, ref = reference(block, x, mask, config, capacity)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   for key in ('aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction'):
@@ -93,7 +101,7 @@ def test_block_gradients_equal_per_token_loop(dispatch):
   graphdef, params = nnx.split(block)
 
   def block_loss(params, x):
-    y, stats = nnx.merge(graphdef, params)(x, mask, 0.75)
+    y, stats = run(nnx.merge(graphdef, params), x, mask, 0.75)
     return jnp.sum(jnp.sin(y)) + stats['aux_loss'] + stats['z_loss']
 
   def reference_loss(params, x):
@@ -144,7 +152,7 @@ def test_sigmoid_router_with_bias_and_groups_matches_the_loop_reference():
                       routed_scaling_factor=2.5, bias_update_rate=0.01, dispatch='capacity')
   block, x, mask = block_and_input(config, seed=13)
   block.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
-  y, stats = block(x, mask, 1.0, train=True)
+  y, stats = run(block, x, mask, 1.0, train=True)
   scores = jax.nn.sigmoid(jnp.einsum('btd,de->bte', x, block.router[...]))
   biased = np.asarray(scores + jnp.linspace(-0.2, 0.2, 8))
   experts = np.zeros(x.shape[:2] + (2,), np.int32)
@@ -169,7 +177,7 @@ def test_sigmoid_router_with_bias_and_groups_matches_the_loop_reference():
 def test_expert_choice_block_matches_the_loop_reference():
   config = moe_config(router='expert_choice', dispatch='capacity')
   block, x, mask = block_and_input(config, seed=17)
-  y, stats = block(x, mask, 1.0)
+  y, stats = run(block, x, mask, 1.0)
   probs = jax.nn.softmax(jnp.einsum('btd,de->bte', x, block.router[...]), axis=-1)
   capacity = routing.expert_capacity(x.shape[1], 2, 4, 1.0, 1)
   tokens = np.full((x.shape[0], 4, capacity), x.shape[1])

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moetrain import trainer
 from moetrain.models.transformer import Transformer, layer_plan
+from moetrain.state import decay_mask
+from moetrain.steps import loss_and_metrics
 from tests.models.test_transformer import tiny_model_config
 
 
@@ -38,8 +39,8 @@ def loss_grads(config, remat='none'):
   def run(params, buffers):
     def objective(params):
       model = nnx.merge(graphdef, params, buffers)
-      loss, metrics = trainer.loss_and_metrics(model, batch, config, 1.0, train=True,
-                                               rng=jax.random.key(0))
+      loss, metrics = loss_and_metrics(model, batch, config, 1.0, train=True,
+                                       rng=jax.random.key(0))
       return loss, (metrics, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
     return jax.grad(objective, has_aux=True)(params)
   grads, (metrics, new_buffers) = run(params, buffers)
@@ -71,7 +72,7 @@ def test_scanned_layers_equal_unscanned(layout):
   if LAYOUTS[layout].get('num_experts', 4):
     assert metrics['dropped_fraction'].max() > 0
   # Weight decay by name still spares the stacked norm scales.
-  mask = trainer.decay_mask(s_params)
+  mask = decay_mask(s_params)
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   assert all(m == (str(path[-1].key) != 'scale') for path, m in flat)
 

@@ -11,6 +11,8 @@ import pytest
 from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
+from moetrain.state import init_state, make_setup
+from moetrain.steps import make_train_step
 from tests.steps import first_gradients, random_batch
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=48',
@@ -30,7 +32,7 @@ def first_step(config, devices):
 
 ROUTERS = {
     'expert_choice': ['--config.model.moe.router=expert_choice'],
-    'dropless_shared_gated': ['--config.model.moe.dispatch=dropless',
+    'dropless_shared_gated': ['--config.model.moe.capacity_factor=0',
                               '--config.model.moe.num_shared_experts=1',
                               '--config.model.moe.shared_expert_gate=true'],
     'sigmoid_bias_groups_priority': [
@@ -71,11 +73,11 @@ def all_gathered_shapes(hlo_text: str) -> list[tuple[int, ...]]:
 def test_compiled_step_exchanges_tokens_and_never_gathers_expert_weights():
   config = small_config('--config.mesh.data=1', '--config.mesh.expert=8')
   mesh = make_mesh(config, jax.devices()[:8])
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state = trainer.init_state(setup)
+    state = init_state(setup)
     batch = trainer.global_batch(setup, random_batch(config))
-    hlo = trainer.make_train_step(setup).lower(state, batch).compile().as_text()
+    hlo = make_train_step(setup).lower(state, batch).compile().as_text()
   assert 'all-to-all' in hlo
   experts, d, f = config.model.moe.num_experts, config.model.d_model, config.model.d_ff
   gathered = all_gathered_shapes(hlo)

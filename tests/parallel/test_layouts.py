@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import trainer
+from moetrain.steps import make_train_step
 from tests.steps import first_gradients, random_batch
 
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2), (2, 1, 2, 2)]
@@ -28,7 +28,7 @@ def layout_config(data, fsdp, expert, tensor):
 def run_on(config, devices, steps=20):
   """First-step gradients and metrics, and the losses of `steps` training steps."""
   def train(setup, state, batch):
-    train_step, losses = trainer.make_train_step(setup), []
+    train_step, losses = make_train_step(setup), []
     for _ in range(steps):
       state, step_metrics = train_step(state, batch)
       losses.append(float(step_metrics['total_loss']))

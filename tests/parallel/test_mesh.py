@@ -6,10 +6,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moetrain import config as config_lib
-from moetrain import trainer
-from moetrain.config import ConfigError
+from moetrain.errors import ConfigError
 from moetrain.parallel import sharding
 from moetrain.parallel.mesh import make_mesh, mesh_shape, slice_grid
+from moetrain.state import init_state, make_setup
 
 
 def tiny(*overrides):
@@ -45,7 +45,8 @@ def test_layout_checks_name_the_fields():
 def test_rules_map_logical_axes_to_mesh_axes():
   # An expert's weights split over 'expert' by expert; every other weight's `embed` is
   # FSDP-split over the expert ranks too, as they hold different data.
-  assert sharding.logical_to_spec(('expert', 'embed', 'mlp')) == P('expert', 'fsdp', 'tensor')
+  assert sharding.logical_to_spec(('expert', 'expert_embed', 'mlp')) == P('expert', 'fsdp',
+                                                                          'tensor')
   assert sharding.logical_to_spec(('vocab', 'embed')) == P('tensor', ('fsdp', 'expert'))
   assert sharding.logical_to_spec(('embed', 'heads', 'head_dim')) == P(('fsdp', 'expert'),
                                                                        'tensor', None)
@@ -55,9 +56,9 @@ def test_rules_map_logical_axes_to_mesh_axes():
 def initial_state(config):
   """The train state of `config`, created sharded over the first 8 devices."""
   mesh = make_mesh(config, jax.devices()[:8])
-  setup = trainer.make_setup(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    return trainer.init_state(setup)
+    return init_state(setup)
 
 
 def test_parameters_are_created_sharded_by_the_rules():
@@ -135,7 +136,6 @@ def test_activations_are_pinned_to_the_batch_axes_between_blocks():
                         '--config.mesh.expert=2', '--config.train.batch_size=8'),
                    jax.devices()[:8])
   x = np.ones((8, 4, 16), np.float32)
-  assert sharding.constrain_batch(x) is x  # no mesh set: nothing to pin
-  with jax.set_mesh(mesh):
-    y = jax.jit(lambda x: sharding.constrain_batch(x * 2))(x)
+  assert sharding.constrain(x, None, 'batch', None, None) is x  # no mesh: nothing to pin
+  y = jax.jit(lambda x: sharding.constrain(x * 2, mesh, 'batch', None, None))(x)
   assert y.sharding.spec == P(('data', 'fsdp', 'expert'))

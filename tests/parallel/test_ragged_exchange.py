@@ -2,7 +2,6 @@
 CPU emulation behaves as `jax.lax.ragged_all_to_all` is documented to, and the expert-parallel
 dropless layer gives the single-device values and gradients on meshes that split the experts."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moetrain.models import dispatch
+from moetrain.models import pipeline
+from moetrain.parallel import exchange
 from moetrain.parallel import ragged_exchange as rx
 
 AUTO4 = (jax.sharding.AxisType.Auto,) * 4
@@ -136,7 +136,6 @@ def test_emulation_values_and_gradients_follow_the_documented_semantics():
 
 NUM_EXPERTS, D_MODEL, D_EXPERT, GROUPS, TOKENS, TOP_K = 8, 16, 32, 8, 8, 2
 HOT_EXPERT, COLD_EXPERT = 3, 5
-BATCH = P(('data', 'fsdp', 'expert'))
 
 
 def skewed_problem():
@@ -174,17 +173,21 @@ def values_and_gradients(ffn, arrays, cotangent):
                             arrays['w_down']))
 
 
-def single_device_ffn(x, experts, gates, mask, w_gate, w_up, w_down):
-  return dispatch.token_choice_ffn(x, experts, gates, mask, w_gate, w_up, w_down, capacity=0,
-                                   backend='dropless')
+def dropless_ffn(the_exchange):
+  """The dropless pipeline through `the_exchange`: -> (y, kept)."""
+  def ffn(x, experts, gates, mask, w_gate, w_up, w_down):
+    return pipeline.token_choice(x, experts, gates, mask, (w_gate, w_up, w_down),
+                                 num_experts=NUM_EXPERTS, capacity=None, exchange=the_exchange)
+  return ffn
+
+
+single_device_ffn = dropless_ffn(exchange.LOCAL)
 
 
 def expert_parallel_ffn(mesh, native=None):
-  weights_in = P('expert', 'fsdp', 'tensor')
-  return jax.shard_map(
-      functools.partial(rx.dropless_exchanged_ffn, num_experts=NUM_EXPERTS, native=native),
-      mesh=mesh, in_specs=(BATCH,) * 4 + (weights_in, weights_in, P('expert', 'tensor', 'fsdp')),
-      out_specs=(BATCH, BATCH))
+  """Expert parallel on `mesh`; `native` None: the platform's choice (`exchange.for_mesh`)."""
+  return dropless_ffn(exchange.for_mesh(mesh) if native is None else
+                      exchange.ExpertParallel(mesh, native=native))
 
 
 def make_mesh(shape):

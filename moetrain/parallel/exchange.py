@@ -1,0 +1,143 @@
+"""The exchange: the seam of the MoE pipeline where rows travel to their experts' owners.
+
+An exchange is chosen once, from the mesh the run holds (`for_mesh`), and handed to the MoE
+pipeline, which calls it at two points: on the way to the experts and on the way back.
+- `Local` (no mesh, or one that does not split experts) moves nothing; the pipeline runs on
+  global arrays and GSPMD splits whatever the mesh splits.
+- `ExpertParallel` runs the pipeline inside `jax.shard_map` over the whole mesh: each device
+  routes its own dispatch groups (capacity and dropping stay per group, so they never depend
+  on the mesh), sends every expert's rows to the device that owns it, computes its own
+  experts on what arrives (FSDP shards gathered, hidden units split over 'tensor') and sends
+  the results home. Capacity buffers travel by `all_to_all`; dropless rows by a ragged
+  exchange that sends every owner exactly its experts' rows (`ragged_exchange`).
+
+Shape suffixes: G dispatch groups, E experts, C capacity, D model dim, L = E / P local experts
+on each of P expert ranks, M rows sent, R = P·M rows a rank can receive.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from moetrain.parallel import sharding
+from moetrain.parallel.ragged_exchange import NATIVE_BACKENDS, ragged_exchange
+
+
+def for_mesh(mesh: Mesh | None):
+  """The exchange a model on `mesh` uses: `ExpertParallel` when it splits the experts."""
+  if mesh is None or mesh.shape.get('expert', 1) == 1:
+    return LOCAL
+  return ExpertParallel(mesh, native=mesh.devices.flat[0].platform in NATIVE_BACKENDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+  """One participant: every stage sees all experts and all rows; nothing moves."""
+
+  def run(self, fn, token_arrays, expert_weights):
+    """`fn(token_arrays, expert_weights)` on the whole batch."""
+    return fn(token_arrays, expert_weights)
+
+  def buffers_to_experts(self, x_GxExCxD):
+    return x_GxExCxD
+
+  def buffers_from_experts(self, y_GxExCxD):
+    return y_GxExCxD
+
+  def rows_to_experts(self, x_MxD, counts_E):
+    """Rows sorted by expert → (rows by local expert, their group sizes, the way back)."""
+    return x_MxD, counts_E, None
+
+  def rows_from_experts(self, y_MxD, way_back):
+    del way_back
+    return y_MxD
+
+  def expert_weights(self, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
+    return w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
+
+  def sum_hidden(self, partial):
+    """Adds up the contributions of the ranks that split the hidden units (none here)."""
+    return partial
+
+
+LOCAL = Local()
+
+
+def _exclusive_cumsum(a, axis):
+  return jnp.cumsum(a, axis=axis) - a
+
+
+def _gather_fsdp(w, axis: int):
+  """The whole `axis` of an FSDP-sharded weight block (its gradient is reduce-scattered)."""
+  if jax.lax.axis_size('fsdp') == 1:
+    return w
+  return jax.lax.all_gather(w, 'fsdp', axis=axis, tiled=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Experts split over the mesh's 'expert' axis; `native` uses `ragged_all_to_all` (GPU,
+  TPU) rather than its dense emulation (XLA:CPU has no ragged_all_to_all)."""
+  mesh: Mesh
+  native: bool = False
+
+  def run(self, fn, token_arrays, expert_weights):
+    """`fn(token_arrays, expert_weights)` on every device's dispatch groups (the leading axis
+    of each token array) and its blocks of (w_gate, w_up, w_down)."""
+    batch = sharding.spec(self.mesh, 'batch')
+    weights_in = sharding.spec(self.mesh, *sharding.EXPERT_IN_AXES)
+    weights_out = sharding.spec(self.mesh, *sharding.EXPERT_OUT_AXES)
+    return jax.shard_map(fn, mesh=self.mesh,
+                         in_specs=(batch, (weights_in, weights_in, weights_out)),
+                         out_specs=batch)(token_arrays, expert_weights)
+
+  def buffers_to_experts(self, x_GxExCxD):
+    """This device's buffers for all E experts → the slots of its own L experts from every
+    device's groups: [P·G, L, C, D]."""
+    return jax.lax.all_to_all(x_GxExCxD, 'expert', 1, 0, tiled=True)
+
+  def buffers_from_experts(self, y_NxLxCxD):
+    return jax.lax.all_to_all(y_NxLxCxD, 'expert', 0, 1, tiled=True)
+
+  def rows_to_experts(self, x_MxD, counts_E):
+    """This device's rows sorted by expert (counts_E of each) → (the rows of its L experts
+    from every device, filed by local expert then sender [R, D]; their group sizes [L]; the
+    way back). Nothing is dropped: the receive buffer fits every peer sending all its rows."""
+    num_experts = counts_E.shape[0]
+    peers = jax.lax.axis_size('expert')
+    num_local = num_experts // peers
+    me = jax.lax.axis_index('expert')
+    # Everybody's counts: the offsets of both exchanges follow from them alone, so one small
+    # all_gather replaces two offset exchanges.
+    counts_PxE = jax.lax.all_gather(counts_E, 'expert')
+    totals_PxL = jnp.sum(counts_PxE, axis=0).reshape(peers, num_local)
+    expert_start_E = _exclusive_cumsum(totals_PxL, axis=1).reshape(num_experts)
+    senders_before_PxE = _exclusive_cumsum(counts_PxE, axis=0)
+    mine = lambda a_PxE: jax.lax.dynamic_slice_in_dim(a_PxE, me * num_local, num_local, axis=1)
+    received_RxD = ragged_exchange(
+        x_MxD, jnp.zeros((peers * x_MxD.shape[0], x_MxD.shape[1]), x_MxD.dtype),
+        _exclusive_cumsum(counts_E, 0), counts_E, expert_start_E + senders_before_PxE[me],
+        mine(counts_PxE).reshape(-1), 'expert', native=self.native)
+    # Slice s·L + l of the way back returns sender s's rows of my local expert l to where they
+    # started in its sorted rows.
+    way_back = (mine(expert_start_E[None, :]) + mine(senders_before_PxE),
+                mine(counts_PxE), mine(_exclusive_cumsum(counts_PxE, axis=1)), counts_E,
+                x_MxD.shape[0])
+    return received_RxD, totals_PxL[me], way_back
+
+  def rows_from_experts(self, y_RxD, way_back):
+    start_PxL, counts_PxL, offsets_PxL, counts_E, num_rows = way_back
+    return ragged_exchange(
+        y_RxD, jnp.zeros((num_rows, y_RxD.shape[1]), y_RxD.dtype), start_PxL.reshape(-1),
+        counts_PxL.reshape(-1), offsets_PxL.reshape(-1), counts_E, 'expert', native=self.native)
+
+  def expert_weights(self, w_gate_LxDxF, w_up_LxDxF, w_down_LxFxD):
+    """This device's expert blocks with their FSDP-split model dimension gathered."""
+    return (_gather_fsdp(w_gate_LxDxF, 1), _gather_fsdp(w_up_LxDxF, 1),
+            _gather_fsdp(w_down_LxFxD, 2))
+
+  def sum_hidden(self, partial):
+    """Each 'tensor' rank holds a slice of the hidden units: their contributions add up."""
+    return jax.lax.psum(partial, 'tensor')

@@ -1,0 +1,151 @@
+"""The jitted train and eval steps: the loss, its gradients (over microbatches too) and the
+optimizer update, with explicit in/out shardings."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moetrain.data.packing import document_segments
+from moetrain.data.tokenizer import EOS_ID, PAD_ID
+from moetrain.models import routing_stats
+from moetrain.parallel import sharding
+from moetrain.state import Setup
+
+
+def objective(ce, aux_loss, z_loss, moe_config):
+  """The training objective: cross-entropy plus the weighted router losses. The one place
+  they are combined, for a whole batch and for a microbatch's share of one."""
+  return ce + moe_config.aux_loss_weight * aux_loss + moe_config.z_loss_weight * z_loss
+
+
+def forward(model, batch, capacity_factor, *, train=False, rng=None, document_mask=True):
+  """-> (cross-entropy summed over non-padding targets, their count, the MoE layers'
+  `RoutingStats` stacked).
+
+  With `document_mask` the documents packed into a row attend only within themselves, each
+  from position 0 (segments and positions from their end-of-document tokens, `data.packing`);
+  without it every token attends to the whole row before it.
+  """
+  inputs_BxL, targets_BxL = batch['inputs'], batch['targets']
+  segments_BxL, positions_BxL = (document_segments(inputs_BxL, EOS_ID) if document_mask
+                                 else (None, None))
+  logits_BxLxV, stats = model.forward(inputs_BxL, inputs_BxL != PAD_ID, capacity_factor,
+                                      train=train, rng=rng, segments_BxL=segments_BxL,
+                                      positions_BxL=positions_BxL)
+  weights_BxL = (targets_BxL != PAD_ID).astype(jnp.float32)
+  ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+  return (ce_BxL * weights_BxL).sum(), weights_BxL.sum(), stats
+
+
+def step_metrics(ce_sum, targets, stats, moe_config) -> dict:
+  """The metrics of a batch from its totals: `loss` (the cross-entropy alone), `total_loss`,
+  the router losses summed over layers, the per-layer metrics and the target `tokens`."""
+  ce = ce_sum / jnp.maximum(targets, 1.0)
+  per_layer = routing_stats.layer_metrics(stats)
+  aux, z = per_layer['aux_loss_per_layer'].sum(), per_layer['z_loss_per_layer'].sum()
+  return {'loss': ce, 'total_loss': objective(ce, aux, z, moe_config), 'aux_loss': aux,
+          'z_loss': z, **per_layer, 'tokens': targets}
+
+
+def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False, rng=None,
+                     document_mask=True):
+  """(objective, metrics) of one batch; see `forward` and `step_metrics`."""
+  ce_sum, targets, stats = forward(model, batch, capacity_factor, train=train, rng=rng,
+                                   document_mask=document_mask)
+  metrics = step_metrics(ce_sum, targets, stats, model_config.moe)
+  return metrics['total_loss'], metrics
+
+
+def gradients(setup: Setup, params, buffers, batch, rng):
+  """Gradients of the training objective, the step's metrics and the updated buffers.
+
+  The batch runs as `train.microbatches` = k microbatches in a `lax.scan` (k = 1 is one pass),
+  the balancing biases threaded through them. Each microbatch contributes its share of the
+  step's objective: cross-entropy and z-loss over all the step's tokens, so they and their
+  gradients equal one pass over the whole batch, and the aux loss as the mean of the
+  per-microbatch values (MOE_SPEC.md). The routing statistics add up by their declared
+  reductions, so the metrics do not depend on k.
+  """
+  moe = setup.config.model.moe
+  k = setup.config.train.microbatches
+  targets = jnp.maximum((batch['targets'] != PAD_ID).sum().astype(jnp.float32), 1.0)
+  routed = jnp.maximum((batch['inputs'] != PAD_ID).sum().astype(jnp.float32), 1.0)
+
+  def share(params, buffers, microbatch, microbatch_rng):
+    model = nnx.merge(setup.graphdef, params, buffers)
+    ce_sum, microbatch_targets, stats = forward(
+        model, microbatch, moe.capacity_factor, train=True, rng=microbatch_rng,
+        document_mask=setup.config.train.document_mask)
+    loss = objective(ce_sum / targets, stats.aux_loss.sum() / k, stats.z_sum.sum() / routed, moe)
+    new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+    return loss, ((ce_sum, microbatch_targets, stats), new_buffers)
+
+  def body(carry, xs):
+    grads, buffers = carry
+    microbatch, index = xs
+    microbatch_grads, (totals, buffers) = jax.grad(share, has_aux=True)(
+        params, buffers, microbatch, jax.random.fold_in(rng, index))
+    return (jax.tree.map(jnp.add, grads, microbatch_grads), buffers), totals
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  micro = split_microbatches(batch, k, moe.group_size, setup.mesh)
+  (grads, new_buffers), (ce_sums, target_counts, stats) = jax.lax.scan(
+      body, (zeros, buffers), (micro, jnp.arange(k)))
+  metrics = step_metrics(ce_sums.sum(), target_counts.sum(),
+                         routing_stats.reduce_microbatches(stats), moe)
+  return grads, metrics, new_buffers
+
+
+def split_microbatches(batch, k: int, group_size: int, mesh=None):
+  """[B, L] → [k, B/k, L] per field, microbatch i holding dispatch groups i, i+k, i+2k, ...
+
+  The batch is sharded over its rows, so every device's contiguous share of groups splits
+  evenly over the k microbatches and each microbatch stays sharded the same way: the reshape
+  moves no data between devices.
+  """
+  def split(x_BxL):
+    b, l = x_BxL.shape
+    x = x_BxL.reshape(b // (k * group_size), k, group_size, l).transpose(1, 0, 2, 3)
+    return sharding.constrain(x.reshape(k, b // k, l), mesh, None, 'batch', None)
+  return {name: split(x) for name, x in batch.items()}
+
+
+def make_train_step(setup: Setup):
+  """jit(state, batch) → (state, metrics), with explicit in/out shardings; state donated."""
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    grads, metrics, buffers = gradients(setup, state['params'], state['buffers'], batch, rng)
+    updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = setup.schedule(state['step'])
+    updated = {'params': optax.apply_updates(state['params'], updates), 'buffers': buffers,
+               'opt_state': opt_state}
+    # A non-finite loss or gradient leaves params, buffers and moments as they were.
+    finite = jnp.isfinite(metrics['total_loss']) & jnp.isfinite(metrics['grad_norm'])
+    metrics['skipped'] = (~finite).astype(jnp.int32)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                        {name: state[name] for name in updated})
+    return {**kept, 'step': state['step'] + 1, 'rng': state['rng']}, metrics
+
+  batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(setup: Setup):
+  """jit(params, buffers, batch) → (sum of cross-entropy, number of target tokens)."""
+  model_config = setup.config.model
+
+  def eval_step(params, buffers, batch):
+    model = nnx.merge(setup.graphdef, params, buffers)
+    ce_sum, targets, _ = forward(model, batch, model_config.moe.eval_capacity_factor,
+                                 document_mask=setup.config.train.document_mask)
+    return ce_sum, targets
+
+  batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings['params'],
+                                          setup.state_shardings['buffers'], batch_shardings),
+                 out_shardings=sharding.replicated(setup.mesh))
