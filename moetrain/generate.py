@@ -18,6 +18,7 @@ from flax import nnx
 
 from moetrain.errors import ConfigError
 from moetrain.models.transformer import init_cache
+from moetrain.state import build_model
 
 
 def choose(logits_V, rng, temperature: float = 0.0, top_p: float = 1.0):
@@ -33,6 +34,13 @@ def choose(logits_V, rng, temperature: float = 0.0, top_p: float = 1.0):
     keep_V = jnp.zeros_like(probs_V, bool).at[order_V].set(before_V < top_p)
     logits_V = jnp.where(keep_V, logits_V, -jnp.inf)
   return jax.random.categorical(rng, logits_V)
+
+
+def decoding_graphdef(model_config):
+  """The graphdef to decode `model_config`'s model with, whatever mesh it trained on: one of
+  no mesh, as a batch of one row splits over no mesh axis; GSPMD reads the weights wherever
+  they lie."""
+  return jax.eval_shape(lambda: nnx.graphdef(build_model(model_config, 0)))
 
 
 def start(graphdef, params, buffers, length: int):

@@ -150,12 +150,11 @@ def run(config, workdir_path: str) -> dict:
   summary."""
   import jax
   import tqdm
-  from flax import nnx
 
   from moetrain import checkpoint, generate, metrics, summary, trainer
   from moetrain.data.inputs import data_position, load_data
   from moetrain.parallel.mesh import make_mesh
-  from moetrain.state import abstract_state, build_model, make_setup
+  from moetrain.state import abstract_state, make_setup
 
   mesh = make_mesh(config)
   workdir = prepare_workdir(workdir_path)
@@ -202,10 +201,8 @@ def run(config, workdir_path: str) -> dict:
     print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard: tensorboard --logdir {workdir}')
   if config.train.sample_tokens and lead and summary['stopped_at'] is None:
     prompt = tokenizer.encode(SAMPLE_PROMPT)
-    # One sequence decodes as a model of no mesh: its batch of one row splits over no axis,
-    # and GSPMD reads the trained weights wherever they lie.
-    graphdef = jax.eval_shape(lambda: nnx.graphdef(build_model(config.model, 0)))
-    new = generate.generate(graphdef, state['params'], state['buffers'], prompt,
+    new = generate.generate(generate.decoding_graphdef(config.model), state['params'],
+                            state['buffers'], prompt,
                             min(config.train.sample_tokens,
                                 config.model.max_seq_len - len(prompt)),
                             temperature=0.7, seed=config.train.seed)
