@@ -33,13 +33,17 @@ def saved(tmp_path):
 
 def one_device_loss(directory, config, num_batches):
   """Cross-entropy per target token of `moetrain.load`'s model (one device) on the batches."""
-  model, _ = moetrain.load(directory)
+  graphdef, state = nnx.split(moetrain.load(directory)[0])
+
+  @jax.jit
+  def forward(state, inputs):
+    segments, positions = document_segments(inputs, EOS_ID)
+    return nnx.merge(graphdef, state).forward(inputs, segments_BxL=segments,
+                                              positions_BxL=positions)[0]
   batches = fixed_batches(config, load_tokenizer(config), 'eval', num_batches)
   total = count = 0.0
   for batch in batches:
-    segments, positions = document_segments(jnp.asarray(batch['inputs']), EOS_ID)
-    logits, _ = model.forward(jnp.asarray(batch['inputs']), segments_BxL=segments,
-                              positions_BxL=positions)
+    logits = forward(state, jnp.asarray(batch['inputs']))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
     weights = batch['targets'] != PAD_ID
     total, count = total + float((ce * weights).sum()), count + float(weights.sum())

@@ -1,8 +1,10 @@
 """Packed documents: segments and positions from end-of-document tokens, and isolation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moetrain import config as config_lib
 from moetrain.data.packing import document_segments
@@ -41,10 +43,16 @@ def test_a_packed_document_sees_only_itself(attention, scan):
   doc_a, doc_b = rng.integers(4, 64, 5), rng.integers(4, 64, 6)
   packed = np.concatenate([doc_a, [E], doc_b])[None]  # the EOS ends a and begins b
 
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, row):
+    segments, positions = document_segments(row, EOS_ID)
+    return nnx.merge(graphdef, state).forward(row, segments_BxL=segments,
+                                              positions_BxL=positions)[0]
+
   def logits(row):
-    segments, positions = document_segments(jnp.asarray(row), EOS_ID)
-    return np.asarray(model.forward(jnp.asarray(row), segments_BxL=segments,
-                                    positions_BxL=positions)[0])[0]
+    return np.asarray(forward(state, jnp.asarray(row)))[0]
   together = logits(packed)
   np.testing.assert_allclose(together[:5], logits(doc_a[None]), atol=1e-5)
   np.testing.assert_allclose(together[5:], logits(np.concatenate([[E], doc_b])[None]),
@@ -54,5 +62,6 @@ def test_a_packed_document_sees_only_itself(attention, scan):
   other[0, :5] = rng.integers(4, 64, 5)
   np.testing.assert_allclose(logits(other)[5:], together[5:], atol=1e-5)
   # Without segments the second document would see the first: the check can fail.
-  plain = np.asarray(model(jnp.asarray(packed)))[0]
+  plain = np.asarray(jax.jit(lambda state, row: nnx.merge(graphdef, state)(row))(
+      state, jnp.asarray(packed)))[0]
   assert np.abs(plain[5:] - together[5:]).max() > 1e-3
