@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moetrain import config as config_lib
 from moetrain.errors import ConfigError
 from moetrain.parallel.mesh import make_mesh
 from moetrain.state import make_setup

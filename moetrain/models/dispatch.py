@@ -98,14 +98,6 @@ def assign_slots(experts_GxTxK: jax.Array, mask_GxT: jax.Array, num_experts: int
   return slots_GxTxK, real_GxTxK & (slots_GxTxK < capacity)
 
 
-def dropped_fraction(kept_GxTxK: jax.Array, mask_GxT: jax.Array, *, experts_GxTxK: jax.Array,
-                     num_experts: int) -> jax.Array:
-  """Dropped / all assignments of real tokens to real (not null) experts: -> [] f32."""
-  real_GxTxK = (mask_GxT > 0)[..., None] & (experts_GxTxK < num_experts)
-  dropped = jnp.sum(real_GxTxK & ~kept_GxTxK).astype(jnp.float32)
-  return dropped / jnp.maximum(jnp.sum(real_GxTxK), 1).astype(jnp.float32)
-
-
 def _slot_tables(experts_GxTxK, slots_GxTxK, kept_GxTxK, num_experts, capacity):
   """The two inverse tables between assignments and rows of a flat [G, S = E·C] buffer.
 
