@@ -11,8 +11,6 @@ by name, set aside as `STEP.unreadable` and the previous one restored.
 """
 
 import json
-import pathlib
-import shutil
 import signal
 import uuid
 
@@ -21,14 +19,17 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from etils import epath
+
 from moetrain import config as config_lib
+from moetrain import paths
 from moetrain.errors import ConfigError
 
 DIRECTORY = 'checkpoints'
 
 
-def directory(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir) / DIRECTORY
+def directory(workdir) -> epath.Path:
+  return paths.resolve(workdir) / DIRECTORY
 
 
 def manager(path, *, keep: int = 3, permanent_every: int = 0,
@@ -43,7 +44,7 @@ def manager(path, *, keep: int = 3, permanent_every: int = 0,
       enable_async_checkpointing=True, create=not read_only, read_only=read_only)
   handlers = {'state': ocp.StandardCheckpointHandler(),
               'progress': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(pathlib.Path(path).absolute(), options=options,
+  return ocp.CheckpointManager(paths.absolute(path), options=options,
                                item_handlers=handlers)
 
 
@@ -138,15 +139,15 @@ def restore_latest(checkpoints: ocp.CheckpointManager, abstract_state, config, *
   return None
 
 
-def check_new_directory(path) -> pathlib.Path:
+def check_new_directory(path) -> epath.Path:
   """`path` as a Path; ConfigError naming it unless it is absent or an empty directory."""
-  path = pathlib.Path(path)
+  path = paths.resolve(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise ConfigError(f'{path} already exists and is not an empty directory; choose a new one')
   return path
 
 
-def staging_for(path) -> pathlib.Path:
+def staging_for(path) -> epath.Path:
   """A new hidden sibling directory to build `path` in (`move_into_place` finishes it), so
   that `path` appears only once complete. ConfigError naming `path` if it cannot be made."""
   path = check_new_directory(path)
@@ -158,8 +159,8 @@ def staging_for(path) -> pathlib.Path:
   return staging
 
 
-def move_into_place(staging: pathlib.Path, path) -> None:
-  path = pathlib.Path(path)
+def move_into_place(staging: epath.Path, path) -> None:
+  path = paths.resolve(path)
   if path.exists():
     path.rmdir()
   staging.rename(path)
@@ -179,12 +180,13 @@ def save_model(workdir, params, buffers, config) -> None:
     (staging / 'config.json').write_text(config.to_json_best_effort(indent=2))
     move_into_place(staging, workdir)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging.exists():
+      staging.rmtree()
 
 
-def _latest(workdir) -> tuple[pathlib.Path, int]:
+def _latest(workdir) -> tuple[epath.Path, int]:
   """(checkpoints directory, newest step) of a workdir or of its `checkpoints` directory."""
-  path = pathlib.Path(workdir)
+  path = paths.resolve(workdir)
   path = path if (path / DIRECTORY).is_dir() or not path.name == DIRECTORY else path.parent
   if not (path / DIRECTORY).is_dir():
     raise ConfigError(f'{workdir}: no moetrain checkpoint there (expected {path / DIRECTORY})')
@@ -253,15 +255,15 @@ def _restore_parts(workdir, target, parts, config=None):
           partial_restore=True)))['state']
 
 
-def _reader(path: pathlib.Path) -> ocp.CheckpointManager:
+def _reader(path: epath.Path) -> ocp.CheckpointManager:
   """A read-only manager whose `state` item may be restored in part (weights only)."""
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(path.absolute(), options=options, item_handlers={
+  return ocp.CheckpointManager(paths.absolute(path), options=options, item_handlers={
       'state': ocp.PyTreeCheckpointHandler(), 'progress': ocp.JsonCheckpointHandler(),
       'config': ocp.JsonCheckpointHandler()})
 
 
-def _set_aside(path: pathlib.Path) -> None:
+def _set_aside(path: epath.Path) -> None:
   if jax.process_index() == 0 and path.exists():
     path.rename(path.with_name(path.name + '.unreadable'))
   if jax.process_count() > 1:

@@ -3,10 +3,10 @@ and expert-load heatmaps."""
 
 import collections
 import json
-import pathlib
 
 import numpy as np
-import tensorboardX
+
+from moetrain import paths
 
 
 def to_python(value):
@@ -54,18 +54,18 @@ class MetricsWriter:
   # Logged steps kept for the heatmaps, so long runs keep a bounded image and memory.
   IMAGE_HISTORY = 256
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool = True, resumed_at: int | None = None):
-    """`resumed_at`: the step a run (re)starts from; records after it are dropped, as the run
-    writes them again."""
+  def __init__(self, workdir, enabled: bool = True, resumed_at: int | None = None):
+    """`workdir`: a local path or URL (see moetrain.paths). `resumed_at`: the step a run
+    (re)starts from; records after it are dropped, as the run writes them again."""
     self.enabled = enabled
     if enabled:
-      path = pathlib.Path(workdir) / 'metrics.jsonl'
+      path = paths.resolve(workdir) / 'metrics.jsonl'
       if resumed_at is not None and path.exists():
         kept = [line for line in path.read_text(encoding='utf-8').splitlines(keepends=True)
                 if line.strip() and json.loads(line)['step'] <= resumed_at]
         path.write_text(''.join(kept), encoding='utf-8')
-      self.jsonl = open(path, 'a', encoding='utf-8')
-      self.tensorboard = tensorboardX.SummaryWriter(str(workdir))
+      self.jsonl = paths.appender(path)
+      self.tensorboard = paths.tensorboard_writer(workdir)
     self.images = enabled
     self.load_history = collections.deque(maxlen=self.IMAGE_HISTORY)
     self.load_records, self.image_step = 0, None
@@ -76,7 +76,7 @@ class MetricsWriter:
     if split != 'train':
       plain['split'] = split
     if self.enabled:
-      self.jsonl.write(json.dumps(plain) + '\n')
+      self.jsonl.write((json.dumps(plain) + '\n').encode('utf-8'))
       self.jsonl.flush()
       for tag, value in scalars(plain, prefix=f'{split}/'):
         self.tensorboard.add_scalar(tag, value, int(step))

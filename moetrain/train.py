@@ -10,12 +10,13 @@ environment (as `launch/tpu_pod.sh` and `launch/gpu_slurm.sh` set it), from what
 on a TPU pod or in a SLURM job. Single-process runs initialise nothing.
 """
 
+import contextlib
 import os
-import pathlib
 import sys
 import uuid
 
 from moetrain import config as config_lib
+from moetrain import interrupts, paths
 from moetrain.errors import ConfigError
 
 SAMPLE_PROMPT = 'import os\n\n\ndef '
@@ -87,9 +88,10 @@ def initialize_distributed(options: dict | None) -> None:
                       f'{str(error).splitlines()[0] if str(error) else error!r}') from error
 
 
-def prepare_workdir(path: str) -> pathlib.Path:
-  """Creates the workdir if needed and proves it writable; ConfigError naming it otherwise."""
-  workdir = pathlib.Path(path)
+def prepare_workdir(path: str):
+  """The workdir (local or a `gs://` URL) as an epath.Path, created if needed and proven
+  writable; ConfigError naming it otherwise."""
+  workdir = paths.check_reachable(path, '--workdir')
   probe = workdir / f'.write-test-{uuid.uuid4().hex}'
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,9 +147,10 @@ def restore_or_init(setup, workdir, lead: bool):
   return state, progress, checkpoints
 
 
-def run(config, workdir_path: str) -> dict:
+def run(config, workdir_path: str, guard=None) -> dict:
   """Trains `config` in `workdir_path`, resuming from its newest checkpoint; returns the run
-  summary."""
+  summary. `guard`: the interrupts.StartupGuard to disarm while the loop runs (its own
+  handler saves on SIGINT and SIGTERM)."""
   import jax
   import tqdm
 
@@ -167,21 +170,25 @@ def run(config, workdir_path: str) -> dict:
   with jax.set_mesh(mesh):
     state, position, checkpoints = restore_or_init(setup, workdir, lead)
     start_step = int(state['step'])
-    tokenizer, train_iter, eval_batches = load_data(config, jax.process_index(),
-                                                    jax.process_count(), position)
+    tokenizer, train_iter, eval_batches, data_lines = load_data(
+        config, jax.process_index(), jax.process_count(), position)
     start_rows = (position or {}).get('data_rows', 0)
     if lead:
-      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+      print('\n'.join(data_lines))
+      paths.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
     if checkpoints is None:
       checkpoints = open_checkpoints(workdir, t)
     writer = metrics.MetricsWriter(workdir, enabled=lead, resumed_at=start_step)
     save = lambda step, state: checkpoint.save(
         checkpoints, step, state, data_position(config, train_iter, start_rows,
                                                 step - start_step), config)
+    if guard is not None:
+      guard.disarm()
     watch = checkpoint.PreemptionWatch(checkpoints)
     try:
-      with tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
-                     disable=not lead, dynamic_ncols=True) as progress:
+      # Only the lead process draws the bar and prints eval lines.
+      with (tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
+                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress:
         state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
                                             progress, save=save, stop_requested=watch,
                                             trace_dir=workdir)
@@ -190,15 +197,20 @@ def run(config, workdir_path: str) -> dict:
       checkpoints.wait_until_finished()
       checkpoints.close()
       writer.close()
+      if guard is not None:
+        guard.arm(guard.AFTER)
   if lead and summary['stopped_at'] is not None:
     print(f'{watch.requested}: saved step {summary["stopped_at"]} in '
           f'{checkpoint.directory(workdir)}; run the same command again to resume')
   elif lead and summary['loss'] is not None:
-    print(f'loss {summary["first_loss"]:.3f} → {summary["loss"]:.3f}'
+    first = (f'{summary["first_loss"]:.3f} (step {summary["first_logged_step"]}) → '
+             if summary['first_logged_step'] != summary['logged_step'] else '')
+    print(f'loss {first}{summary["loss"]:.3f} (step {summary["logged_step"]})'
           + (f', eval loss {summary["eval_loss"]:.3f}' if summary['eval_loss'] else '')
           + (f', {summary["tokens_per_sec"]:,.0f} tokens/s' if summary.get('tokens_per_sec')
              else ''))
-    print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard: tensorboard --logdir {workdir}')
+    print(f'metrics: {workdir / "metrics.jsonl"}; TensorBoard (pip install -e '
+          f"'.[tensorboard]'): tensorboard --logdir {workdir}")
   if config.train.sample_tokens and lead and summary['stopped_at'] is None:
     prompt = tokenizer.encode(SAMPLE_PROMPT)
     new = generate.generate(generate.decoding_graphdef(config.model), state['params'],
@@ -213,10 +225,11 @@ def run(config, workdir_path: str) -> dict:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
-    config_path, workdir, overrides, distributed = parse_command_line(argv)
-    config = config_lib.load(config_path, overrides)
-    initialize_distributed(distributed)
-    run(config, workdir)
+    with interrupts.StartupGuard() as guard:
+      config_path, workdir, overrides, distributed = parse_command_line(argv)
+      config = config_lib.load(config_path, overrides)
+      initialize_distributed(distributed)
+      run(config, workdir, guard)
   except ConfigError as error:
     print(f'moetrain: error: {error}', file=sys.stderr)
     return 2

@@ -107,12 +107,13 @@ class NonFiniteHook:
 class LogHook:
   """Writes the train metrics every `train.log_every` steps and at the end, with tokens/s
   (and MFU, where the chip's peak is known) over the steps since the last write; records the
-  first and latest loss in `summary`."""
+  first and latest logged loss and their steps in `summary`."""
 
   def __init__(self, setup: Setup, writer, progress, summary: dict, window: Window):
     t = setup.config.train
     self.train_config, self.writer, self.progress = t, writer, progress
     self.summary, self.window = summary, window
+    self.compiled = False
     self.tokens_per_step = t.batch_size * t.seq_len
     chip = hardware.chip_for_device(jax.devices()[0].device_kind)
     # Model FLOPs per second of all devices over their datasheet peak, where the peak is known.
@@ -122,8 +123,8 @@ class LogHook:
   def __call__(self, step: int, state, metrics) -> None:
     t, window = self.train_config, self.window
     window.tick()
-    if self.summary['first_loss'] is None:
-      self.summary['first_loss'] = float(metrics['loss'])
+    if not self.compiled:
+      self.compiled = True
       window.restart()  # leave compilation out of tokens/s
     if step % t.log_every and step != t.steps:
       return
@@ -134,7 +135,9 @@ class LogHook:
       if self.mfu_per_token:
         metrics['mfu'] = metrics['tokens_per_sec'] * self.mfu_per_token
     record = self.writer.write(step, metrics)
-    self.summary['loss'] = record['loss']
+    if self.summary['first_loss'] is None:
+      self.summary['first_loss'], self.summary['first_logged_step'] = record['loss'], step
+    self.summary['loss'], self.summary['logged_step'] = record['loss'], step
     self.summary['tokens_per_sec'] = record.get('tokens_per_sec')
     if self.progress is not None:
       self.progress.set_postfix(loss=f'{record["loss"]:.3f}',
@@ -198,8 +201,8 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
   """
   t = setup.config.train
   train_step = make_train_step(setup)
-  summary = {'first_loss': None, 'loss': None, 'eval_loss': None, 'first_eval_loss': None,
-             'skipped_steps': 0, 'stopped_at': None}
+  summary = {'first_loss': None, 'first_logged_step': None, 'loss': None, 'logged_step': None,
+             'eval_loss': None, 'first_eval_loss': None, 'skipped_steps': 0, 'stopped_at': None}
   start_step = int(state['step'])
   window = Window()
   profile = ProfileHook(range(start_step + 2, start_step + 2 + t.profile_steps) if trace_dir

@@ -118,7 +118,7 @@ def garble(directory: pathlib.Path):
 def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(tmp_path):
   assert train(tmp_path, 4)[0] == 0
   checkpoints = checkpoint.directory(tmp_path)
-  garble(checkpoints / '4' / 'state')
+  garble(pathlib.Path(checkpoints) / '4' / 'state')
   code, _, stderr = train(tmp_path, 6)
   assert code == 0, stderr
   assert f'checkpoint {checkpoints / "4"} is unreadable' in stderr

@@ -7,13 +7,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moetrain.data import documents, pipeline
+from moetrain.data import documents, pipeline, sources
 from moetrain.data import tokenizer as tokenizer_lib
 from moetrain.errors import ConfigError
 
 
-def load_tokenizer(config):
-  """The tokenizer `data.tokenizer` names, or the one trained (once, cached) on the corpus."""
+def load_tokenizer(config, train_documents=None):
+  """The tokenizer `data.tokenizer` names, or the one trained (once, cached) on the corpus
+  (on `train_documents` when given, the opened train split of a document source)."""
   if config.data.tokenizer:
     try:
       tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer)
@@ -22,30 +23,55 @@ def load_tokenizer(config):
   elif config.data.source == 'stdlib':
     tokenizer = tokenizer_lib.load_or_train_stdlib_tokenizer(config.model.vocab_size)
   else:
-    tokenizer = tokenizer_lib.load_or_train_tokenizer(
-        documents.documents_from_config(config.data, 'train'), config.data,
-        config.model.vocab_size)
+    if train_documents is None:
+      train_documents = documents.documents_from_config(config.data, 'train')
+    tokenizer = tokenizer_lib.load_or_train_tokenizer(train_documents, config.data,
+                                                      config.model.vocab_size)
   if tokenizer.vocab_size() > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer vocabulary ({tokenizer.vocab_size()})')
   return tokenizer
 
 
+def describe(config, tokenizer, train_count: int, eval_count: int | None) -> list[str]:
+  """Two summary lines: where the documents come from with their counts (eval: None when
+  the run does not evaluate), and the tokenizer."""
+  d = config.data
+  source = {'stdlib': "the Python standard library's .py files (the embedded corpus)",
+            'tfds': f'TFDS {d.tfds_name} (splits {d.split} / {d.eval_split}'
+                    + (f', data_dir {d.data_dir}' if d.data_dir else '') + ')'
+            }.get(d.source, f'{d.source} {d.path} (field {d.text_field!r})')
+  made = (f'data.tokenizer={d.tokenizer}' if d.tokenizer
+          else 'trained on the train split once, cached')
+  evals = 'no eval' if eval_count is None else f'{eval_count:,} eval documents'
+  return [f'data: {source}: {train_count:,} train documents, {evals}',
+          f'tokenizer: sentencepiece, {tokenizer.vocab_size():,} pieces ({made})']
+
+
 def load_data(config, process_index: int, process_count: int, progress=None):
-  """The tokenizer, this process's training batch iterator (resumed at `progress`, a
-  checkpoint's data position) and its fixed eval batches."""
-  tokenizer = load_tokenizer(config)
+  """(tokenizer, this process's training batch iterator resumed at `progress` (a checkpoint's
+  data position), its fixed eval batches, the `describe` lines)."""
   t, progress = config.train, progress or {}
-  eval_batches = fixed_batches(config, tokenizer, 'eval', t.eval_batches, process_index,
-                               process_count) if t.eval_every else []
   if config.data.source == 'stdlib':
+    tokenizer = load_tokenizer(config)
+    counts = (len(sources.stdlib_files('train')),
+              len(sources.stdlib_files('eval')) if t.eval_every else None)
+    eval_batches = fixed_batches(config, tokenizer, 'eval', t.eval_batches, process_index,
+                                 process_count) if t.eval_every else []
     train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
     train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
                                         process_count, start_row=progress.get('data_rows', 0))
-    return tokenizer, train_iter, eval_batches
+    return tokenizer, train_iter, eval_batches, describe(config, tokenizer, *counts)
+  train_documents = documents.documents_from_config(config.data, 'train')
+  eval_documents = (documents.documents_from_config(config.data, 'eval') if t.eval_every
+                    else None)
+  tokenizer = load_tokenizer(config, train_documents)
+  eval_batches = pipeline.document_eval_batches(
+      eval_documents, tokenizer, t.seq_len, t.batch_size, t.eval_batches, process_index,
+      process_count) if t.eval_every else []
   train_iter = pipeline.document_train_batches(
-      documents.documents_from_config(config.data, 'train'), tokenizer, t.seq_len,
-      t.batch_size, t.seed, process_index, process_count, config.data.workers)
+      train_documents, tokenizer, t.seq_len, t.batch_size, t.seed, process_index,
+      process_count, config.data.workers)
   if 'data_states' in progress:
     states = progress['data_states']
     if len(states) != process_count:
@@ -53,7 +79,9 @@ def load_data(config, process_index: int, process_count: int, progress=None):
                         f'processes; resume data.source={config.data.source} with as many '
                         f'(here: {process_count})')
     train_iter.set_state(states[process_index])
-  return tokenizer, train_iter, eval_batches
+  return (tokenizer, train_iter, eval_batches,
+          describe(config, tokenizer, len(train_documents),
+                   None if eval_documents is None else len(eval_documents)))
 
 
 def fixed_batches(config, tokenizer, split: str, num_batches: int, process_index: int = 0,

@@ -1,0 +1,68 @@
+"""Ctrl-C and SIGTERM during start-up stop a run at once with one line; a run started in the
+background with SIGINT ignored (as shells start jobs) stops too; training imports no torch."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
+         '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
+         '--config.train.seq_len=32', '--config.train.eval_every=0',
+         '--config.train.sample_tokens=0', '--config.train.checkpoint_every=1']
+
+
+def start(workdir, cache, *, sigint_ignored: bool):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TF_CPP_MIN_LOG_LEVEL='2', MOETRAIN_CACHE=str(cache))
+  # A cold cache: the run spends its first tens of seconds training its tokenizer in C++.
+  ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+  return subprocess.Popen(
+      [sys.executable, '-m', 'moetrain.train', '--config', str(REPO / 'configs/tiny.py'),
+       '--workdir', str(workdir), *SMALL, '--config.train.steps=5'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=ignore)
+
+
+@pytest.mark.parametrize('sigint_ignored', [False, True], ids=['foreground', 'background'])
+@pytest.mark.parametrize('after_s', [1, 5])
+def test_sigint_during_start_up_stops_at_once_with_one_line(tmp_path, after_s, sigint_ignored):
+  process = start(tmp_path / 'run', tmp_path / 'cache', sigint_ignored=sigint_ignored)
+  time.sleep(after_s)
+  assert process.poll() is None, process.communicate()
+  sent = time.monotonic()
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert time.monotonic() - sent < 10
+  assert process.returncode == 128 + signal.SIGINT
+  assert 'Traceback' not in stderr, stderr
+  stops = [line for line in stderr.splitlines() if 'SIGINT' in line]
+  assert stops == ['moetrain: SIGINT before training started: stopped, no step run and no '
+                   'checkpoint written'], stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_sigterm_during_start_up_stops_the_same_way(tmp_path):
+  process = start(tmp_path / 'run', tmp_path / 'cache', sigint_ignored=True)
+  time.sleep(2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 128 + signal.SIGTERM
+  assert stderr.splitlines()[-1].startswith('moetrain: SIGTERM before training started'), stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_training_run_does_not_import_torch(tmp_path):
+  script = ('import sys\nfrom moetrain import train\n'
+            f'code = train.main({["--config", "configs/tiny.py", "--workdir", str(tmp_path), *SMALL, "--config.train.steps=1"]!r})\n'
+            'print("exit", code, "torch imported:", "torch" in sys.modules)\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert 'exit 0 torch imported: False' in result.stdout, result.stderr
