@@ -10,7 +10,9 @@ written, so an interrupted save is never listed; a finalised one that cannot be 
 by name, set aside as `STEP.unreadable` and the previous one restored.
 """
 
+import contextlib
 import json
+import logging
 import signal
 import uuid
 
@@ -22,7 +24,7 @@ from orbax.checkpoint import checkpoint_managers
 from etils import epath
 
 from moetrain import config as config_lib
-from moetrain import paths
+from moetrain import model_diff, paths
 from moetrain.errors import ConfigError
 
 DIRECTORY = 'checkpoints'
@@ -44,8 +46,9 @@ def manager(path, *, keep: int = 3, permanent_every: int = 0,
       enable_async_checkpointing=True, create=not read_only, read_only=read_only)
   handlers = {'state': ocp.StandardCheckpointHandler(),
               'progress': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(paths.absolute(path), options=options,
-                               item_handlers=handlers)
+  with _quiet_read_only():
+    return ocp.CheckpointManager(paths.absolute(path), options=options,
+                                 item_handlers=handlers)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_position: dict,
@@ -64,22 +67,6 @@ def read_config(checkpoints: ocp.CheckpointManager, step: int) -> dict:
   """The config a checkpoint was written with, as a nested dict."""
   return checkpoints.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
       'config']
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}.{key}' if prefix else str(key)
-    flat.update(_flat(value, name) if isinstance(value, dict) else {name: value})
-  return flat
-
-
-def changed_fields(saved: dict, current, section: str = 'model') -> list[str]:
-  """`section.field=saved→current` for every field of `section` that differs."""
-  old = _flat(saved.get(section, {}), section)
-  new = _flat(json.loads(current.to_json_best_effort())[section], section)
-  return [f'{name}={old.get(name)!r}→{new.get(name)!r}'
-          for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
 
 
 def _key_name(key) -> str:
@@ -105,7 +92,7 @@ def check_compatible(checkpoints: ocp.CheckpointManager, step: int, abstract_sta
   wanted = _shapes(abstract_state)
   if saved == wanted:
     return
-  fields = changed_fields(read_config(checkpoints, step), config)
+  fields = model_diff.blocking_fields(read_config(checkpoints, step), config)
   mismatch = next((f'{name} is {saved.get(name)} there, {wanted.get(name)} here'
                    for name in sorted(set(saved) | set(wanted))
                    if saved.get(name) != wanted.get(name)))
@@ -246,7 +233,8 @@ def _restore_parts(workdir, target, parts, config=None):
     mismatch = [f'{name} is {saved.get(name)} there, {shape} here'
                 for name, shape in wanted.items() if saved.get(name) != shape]
     if mismatch:
-      fields = changed_fields(read_config(checkpoints, step), config) if config else []
+      fields = (model_diff.blocking_fields(read_config(checkpoints, step), config) if config
+                else [])
       raise ConfigError(f'checkpoint {path / str(step)} holds a different model ('
                         + (", ".join(fields) if fields else mismatch[0]) + ')')
     for part in parts:
@@ -258,9 +246,28 @@ def _restore_parts(workdir, target, parts, config=None):
 def _reader(path: epath.Path) -> ocp.CheckpointManager:
   """A read-only manager whose `state` item may be restored in part (weights only)."""
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(paths.absolute(path), options=options, item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(), 'progress': ocp.JsonCheckpointHandler(),
-      'config': ocp.JsonCheckpointHandler()})
+  with _quiet_read_only():
+    return ocp.CheckpointManager(paths.absolute(path), options=options, item_handlers={
+        'state': ocp.PyTreeCheckpointHandler(), 'progress': ocp.JsonCheckpointHandler(),
+        'config': ocp.JsonCheckpointHandler()})
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Drops the warning Orbax logs (through absl) whenever a read-only manager is opened:
+  being read-only is what a reader is for."""
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  notice, absl_logger = _ReadOnlyNotice(), logging.getLogger('absl')
+  absl_logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(notice)
 
 
 def _set_aside(path: epath.Path) -> None:

@@ -7,8 +7,10 @@ top. `validate` runs before any device work and raises `ConfigError` naming the 
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import math
+import os
 import pathlib
 
 import ml_collections
@@ -205,13 +207,27 @@ def apply_override(config: ml_collections.ConfigDict, flag: str) -> None:
   node = config
   for section in sections:
     if not isinstance(node, ml_collections.ConfigDict) or section not in node:
-      raise ConfigError(f'--config.{name}: unknown field')
+      raise ConfigError(_unknown_field(config, name))
     node = node[section]
   if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-    raise ConfigError(f'--config.{name}: unknown field')
+    raise ConfigError(_unknown_field(config, name))
   if isinstance(node[key], ml_collections.ConfigDict):
     raise ConfigError(f'--config.{name}: is a section, not a field')
   node[key] = _parse_value(name, text, node[key])
+
+
+def _field_names(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _field_names(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}'
+
+
+def _unknown_field(config, name):
+  # A high cutoff: every field of a section shares its prefix, which alone scores ~0.7.
+  close = difflib.get_close_matches(name, list(_field_names(config)), n=1, cutoff=0.8)
+  return f'--config.{name}: unknown field' + (f'; did you mean {close[0]}?' if close else '')
 
 
 def _parse_value(name, text, current):
@@ -236,14 +252,46 @@ def _parse_value(name, text, current):
   raise ConfigError(f'--config.{name}={text}: expected {kind.__name__}')
 
 
-def load(path: str, overrides=()) -> ml_collections.ConfigDict:
-  """Loads a config file, applies `--config.*` overrides and validates the result."""
-  config = load_config_file(path)
-  _check_schema(config, default_config(), path)
+# Fields that hold local paths or remote URLs (comma-separated lists entry by entry).
+PATH_FIELDS = ('data.path', 'data.data_dir', 'data.tokenizer', 'init.from_checkpoint',
+               'init.upcycle_from')
+
+
+def _expand_path(entry: str) -> str:
+  body = entry.lstrip()
+  if '://' in body:  # gs://, s3://, ...: not the local shell's to expand
+    return entry
+  return entry[:len(entry) - len(body)] + os.path.expandvars(os.path.expanduser(body))
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> None:
+  """Expands `~` and environment variables in the `PATH_FIELDS` (a shell does not expand `~`
+  after `--config.data.path=`); remote URLs are left as they are."""
+  for field in PATH_FIELDS:
+    *sections, key = field.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = ','.join(_expand_path(entry) for entry in node[key].split(','))
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides=()) -> ml_collections.ConfigDict:
+  """`config` with `--config.*` overrides applied and paths expanded, validated, including that
+  every data field set is one `data.source` reads."""
   for flag in overrides:
     apply_override(config, flag)
+  expand_paths(config)
   validate(config)
+  # Not part of `validate`: checkpoints saved before this rule must still load for inference.
+  config_checks.validate_source_fields(config.data, default_config().data)
   return config
+
+
+def load(path: str, overrides=()) -> ml_collections.ConfigDict:
+  """Loads a config file and returns it `with_overrides`."""
+  config = load_config_file(path)
+  _check_schema(config, default_config(), path)
+  return with_overrides(config, overrides)
 
 
 def update_from_dict(config: ml_collections.ConfigDict, values: dict, source: str,

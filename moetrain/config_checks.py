@@ -43,6 +43,23 @@ NON_NEGATIVE = (
 )
 
 
+_FILES = ('text', 'jsonl', 'parquet')
+_DOCUMENTS = (*_FILES, 'tfds')
+
+# The data fields only some sources read; under any other source they must keep their default.
+SOURCE_FIELDS = {
+    'path': _FILES,
+    'text_field': ('jsonl', 'parquet', 'tfds'),
+    'tfds_name': ('tfds',),
+    'data_dir': ('tfds',),
+    'weights': _DOCUMENTS,
+    'split': _DOCUMENTS,
+    'eval_split': _DOCUMENTS,
+    'on_bad_record': ('jsonl',),
+    'workers': _DOCUMENTS,
+}
+
+
 def _get(config, dotted):
   node = config
   for key in dotted.split('.'):
@@ -107,7 +124,7 @@ def validate(config) -> None:
 
 def _validate_data(d):
   """Checks that the data source names what it reads."""
-  if d.source in ('text', 'jsonl', 'parquet') and not d.path.strip():
+  if d.source in _FILES and not d.path.strip():
     raise ConfigError(f'data.path is empty; data.source={d.source} reads files from it')
   if d.source == 'tfds' and not d.tfds_name.strip():
     raise ConfigError('data.tfds_name is empty; data.source=tfds reads a dataset by name')
@@ -124,6 +141,21 @@ def _validate_data(d):
       bad = weights
     if bad:
       raise ConfigError(f'data.weights={d.weights!r}: weights must be positive numbers')
+
+
+def validate_source_fields(data, defaults) -> None:
+  """ConfigError naming a `data` field set away from its default (`defaults`, the schema's data
+  section) although `data.source` does not read it."""
+  for field, readers in SOURCE_FIELDS.items():
+    if data.source not in readers and data[field] != defaults[field]:
+      default = 'empty' if defaults[field] == '' else f'at {defaults[field]!r}'
+      raise ConfigError(f'data.{field}={data[field]!r} is set but data.source={data.source} '
+                        f'does not read it: set data.source to {_either(readers)} to read it, '
+                        f'or leave data.{field} {default}')
+
+
+def _either(names):
+  return names[0] if len(names) == 1 else f'{", ".join(names[:-1])} or {names[-1]}'
 
 
 def _validate_mla(m):

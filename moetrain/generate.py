@@ -4,11 +4,13 @@ cache (linear cost in the number of tokens), routing dropless.
   python -m moetrain.generate --checkpoint DIR --prompt TEXT [--max_tokens 200]
       [--temperature 0.7] [--top_p 0.9] [--seed 0]
 
-prints the continuation as it is sampled. Bad input prints one line and exits with status 2.
+prints the continuation as it is sampled. The prompt is at least one character,
+--max_tokens >= 1, --temperature >= 0 (0: greedy) and 0 < --top_p <= 1; bad input prints one
+line and exits with status 2.
 """
 
-import argparse
 import functools
+import math
 import os
 import sys
 
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moetrain import config as config_lib
 from moetrain.errors import ConfigError
 from moetrain.models.transformer import init_cache
 from moetrain.state import build_model
@@ -87,24 +90,37 @@ def generate(graphdef, params, buffers, prompt_ids, num_tokens: int,
                      top_p, seed))
 
 
+def check_arguments(args) -> None:
+  """ConfigError naming the flag whose value is out of range; runs before any loading."""
+  if not args.prompt:
+    raise ConfigError('--prompt is empty: give the text to continue (at least one character)')
+  if args.max_tokens < 1:
+    raise ConfigError(f'--max_tokens {args.max_tokens}: must be >= 1')
+  if not 0 <= args.temperature < math.inf:
+    raise ConfigError(f'--temperature {args.temperature}: must be a number >= 0 (0: greedy)')
+  if not 0 < args.top_p <= 1:
+    raise ConfigError(f'--top_p {args.top_p}: must be > 0 and <= 1 (1: sample from all tokens)')
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='python -m moetrain.generate',
-                                   description=__doc__.splitlines()[0])
+  parser = config_lib.ArgumentParser(prog='python -m moetrain.generate',
+                                     description=__doc__.splitlines()[0])
   parser.add_argument('--checkpoint', required=True, help='a training workdir or checkpoint')
-  parser.add_argument('--prompt', required=True)
-  parser.add_argument('--max_tokens', type=int, default=200)
-  parser.add_argument('--temperature', type=float, default=0.0)
-  parser.add_argument('--top_p', type=float, default=1.0)
+  parser.add_argument('--prompt', required=True, help='the text to continue (not empty)')
+  parser.add_argument('--max_tokens', type=int, default=200, help='tokens to sample (>= 1)')
+  parser.add_argument('--temperature', type=float, default=0.0, help='>= 0; 0 is greedy')
+  parser.add_argument('--top_p', type=float, default=1.0, help='nucleus mass, > 0 and <= 1')
   parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
   try:
+    args = parser.parse_args(argv)
+    check_arguments(args)
     from moetrain import pretrained
     from moetrain.data.inputs import load_tokenizer
     model, config = pretrained.load(args.checkpoint)
     tokenizer = load_tokenizer(config)
     prompt = tokenizer.encode(args.prompt)
-    if not 0 < len(prompt) + args.max_tokens <= config.model.max_seq_len:
+    if len(prompt) + args.max_tokens > config.model.max_seq_len:
       raise ConfigError(f'--max_tokens {args.max_tokens}: prompt ({len(prompt)} tokens) and '
                         f'continuation must fit model.max_seq_len={config.model.max_seq_len}')
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)

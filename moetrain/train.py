@@ -110,6 +110,16 @@ def enable_compilation_cache():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
+def silence_stdout() -> None:
+  """Sends this process's standard output, C++ libraries' included, to /dev/null: in a
+  multi-process run only the lead process reports (the others would repeat its lines and add
+  the collectives library's connection notices); errors still reach standard error."""
+  sys.stdout.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.close(devnull)
+
+
 def open_checkpoints(workdir, train_config):
   """The run's checkpoint manager, with `train_config`'s retention."""
   from moetrain import checkpoint
@@ -163,6 +173,8 @@ def run(config, workdir_path: str, guard=None) -> dict:
   workdir = prepare_workdir(workdir_path)
   enable_compilation_cache()
   lead = jax.process_index() == 0
+  if not lead:
+    silence_stdout()
   setup = make_setup(config, mesh)
   t = config.train
   if lead:

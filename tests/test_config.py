@@ -128,3 +128,77 @@ def test_null_experts_allow_top_k_up_to_all_choices():
   config = config_lib.load('configs/tiny.py', ['--config.model.moe.num_null_experts=2',
                                                '--config.model.moe.top_k=10'])
   assert config.model.moe.top_k == 10
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.train.stpes=5', '--config.train.stpes: unknown field; did you mean train.steps?'),
+    ('--config.modle.d_model=4',
+     '--config.modle.d_model: unknown field; did you mean model.d_model?'),
+    ('--config.model.moe.topk=1',
+     '--config.model.moe.topk: unknown field; did you mean model.moe.top_k?'),
+    ('--config.model.nope=3', '--config.model.nope: unknown field'),
+])
+def test_a_misspelt_override_suggests_the_closest_field(flag, message):
+  with pytest.raises(ConfigError) as error:
+    config_lib.load('configs/tiny.py', [flag])
+  assert str(error.value) == message
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.data.path=corpus.jsonl'],
+     "data.path='corpus.jsonl' is set but data.source=stdlib does not read it: set data.source "
+     'to text, jsonl or parquet to read it, or leave data.path empty'),
+    (['--config.data.source=text', '--config.data.path=docs', '--config.data.text_field=body'],
+     "data.text_field='body' is set but data.source=text does not read it: set data.source to "
+     "jsonl, parquet or tfds to read it, or leave data.text_field at 'text'"),
+    (['--config.data.source=tfds', '--config.data.tfds_name=c4', '--config.data.path=x.jsonl'],
+     "data.path='x.jsonl' is set but data.source=tfds"),
+    (['--config.data.source=jsonl', '--config.data.path=a.jsonl', '--config.data.data_dir=d'],
+     "data.data_dir='d' is set but data.source=jsonl does not read it: set data.source to tfds"),
+    (['--config.data.source=parquet', '--config.data.path=a.parquet',
+      '--config.data.on_bad_record=skip'],
+     "data.on_bad_record='skip' is set but data.source=parquet does not read it: set "
+     'data.source to jsonl'),
+    (['--config.data.workers=8'], 'data.workers=8 is set but data.source=stdlib'),
+])
+def test_a_data_field_the_source_does_not_read_is_refused(flags, message):
+  with pytest.raises(ConfigError) as error:
+    config_lib.load('configs/tiny.py', flags)
+  assert str(error.value).startswith(message) and '\n' not in str(error.value)
+
+
+def test_the_fields_of_each_source_are_accepted_with_it():
+  jsonl = config_lib.load('configs/tiny.py', [
+      '--config.data.source=jsonl', '--config.data.path=a.jsonl', '--config.data.text_field=t',
+      '--config.data.on_bad_record=skip', '--config.data.workers=4'])
+  assert jsonl.data.on_bad_record == 'skip'
+  tfds = config_lib.load('configs/tiny.py', [
+      '--config.data.source=tfds', '--config.data.tfds_name=a,b', '--config.data.data_dir=d',
+      '--config.data.weights=1,2', '--config.data.split=train[:90%]'])
+  assert tfds.data.split == 'train[:90%]'
+
+
+def test_path_fields_expand_home_and_environment_variables_but_not_urls(monkeypatch, tmp_path):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.setenv('CORPUS', '/data/corpus')
+  config = config_lib.load('configs/tiny.py', [
+      '--config.data.source=jsonl', '--config.data.path=~/a.jsonl, $CORPUS/*.jsonl,gs://b/$X/~c',
+      '--config.data.tokenizer=${CORPUS}/tok.model', '--config.init.upcycle_from=~/dense'])
+  assert config.data.path == f'{tmp_path}/a.jsonl, /data/corpus/*.jsonl,gs://b/$X/~c'
+  assert config.data.tokenizer == '/data/corpus/tok.model'
+  assert config.init.upcycle_from == f'{tmp_path}/dense'
+  tfds = config_lib.load('configs/tiny.py', [
+      '--config.data.source=tfds', '--config.data.tfds_name=c4', '--config.data.data_dir=~/tfds'])
+  assert tfds.data.data_dir == f'{tmp_path}/tfds'
+  # A path set in a config file is expanded as well.
+  warm = write(tmp_path, 'from moetrain.config import default_config\n'
+               'def get_config():\n  c = default_config()\n'
+               "  c.init.from_checkpoint = '~/runs/a'\n  return c\n")
+  assert config_lib.load(warm).init.from_checkpoint == f'{tmp_path}/runs/a'
+
+
+def test_every_path_field_is_a_string_field_of_the_schema():
+  config = config_lib.default_config()
+  for field in config_lib.PATH_FIELDS:
+    section, key = field.split('.')
+    assert isinstance(config[section][key], str), field

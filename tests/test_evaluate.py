@@ -59,15 +59,53 @@ def test_loss_equals_the_models_cross_entropy_on_the_same_batches(tmp_path):
   assert abs(result['loss'] - math.log(8000)) < 0.1  # an untrained model is nearly uniform
 
 
-def test_command_line_prints_the_result_and_refuses_bad_input(tmp_path, capsys):
+def test_command_line_prints_the_routing_and_the_result_and_refuses_bad_input(tmp_path, capsys):
   directory, _ = saved(tmp_path)
   assert evaluate.main(['--checkpoint', str(directory), '--batches', '1']) == 0
-  assert 'perplexity' in capsys.readouterr().out
+  routing, result = capsys.readouterr().out.strip().splitlines()
+  assert routing == ('routing: top-2 of 4 experts, dropless; the periodic eval in training used '
+                     'model.moe.eval_capacity_factor=2.0, so its loss can differ (pass '
+                     '--config.model.moe.eval_capacity_factor=2.0 to match it)')
+  assert 'perplexity' in result
   assert evaluate.main(['--checkpoint', str(tmp_path / 'nothing')]) == 2
   error = capsys.readouterr().err.strip().splitlines()
   assert len(error) == 1 and 'nothing' in error[0]
   assert evaluate.main(['--checkpoint', str(directory), '--bogus']) == 2
   assert '--bogus' in capsys.readouterr().err
+  assert evaluate.main(['--checkpoint', str(directory), '--batches', '-1']) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      'moetrain: error: --batches -1: must be >= 1, or 0 for train.eval_batches']
+
+
+def test_an_eval_capacity_factor_override_routes_as_the_periodic_eval(tmp_path):
+  """With capacity for an eighth of the tokens per expert, most choices are dropped: the loss is
+  not the dropless one, and the routing line says so."""
+  directory, _ = saved(tmp_path)
+  dropless = evaluate.evaluate(directory, num_batches=1)
+  capped = evaluate.evaluate(directory, num_batches=1,
+                             overrides=['--config.model.moe.eval_capacity_factor=0.25'])
+  assert capped['routing'] == (
+      "routing: top-2 of 4 experts, eval capacity factor 0.25 (tokens over an expert's "
+      'capacity are dropped); the periodic eval in training used '
+      'model.moe.eval_capacity_factor=2.0, so its loss can differ (pass '
+      '--config.model.moe.eval_capacity_factor=2.0 to match it)')
+  # Untrained experts add little to the residual stream, so dropping most moves the loss little,
+  # but well beyond float noise.
+  assert abs(capped['loss'] - dropless['loss']) > 1e-5
+
+
+def test_routing_line_says_when_it_matches_the_periodic_eval():
+  moe = config_lib.default_config().model.moe
+  assert evaluate.routing(moe, 2.0) == (
+      "routing: top-2 of 8 experts, eval capacity factor 2.0 (tokens over an expert's capacity "
+      'are dropped), as the periodic eval in training')
+  moe.eval_capacity_factor = 0.0
+  assert evaluate.routing(moe, 0.0) == ('routing: top-2 of 8 experts, dropless, as the periodic '
+                                        'eval in training')
+  moe.router = 'expert_choice'
+  assert evaluate.routing(moe, 0.0).startswith(
+      'routing: expert choice among 8 experts, capacity factor 0.0 (every expert takes every '
+      'token)')
 
 
 

@@ -66,6 +66,31 @@ def test_command_line_streams_a_continuation_and_refuses_bad_input(tmp_path, cap
   assert len(error) == 1 and 'max_seq_len' in error[0]
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['--prompt', ''], '--prompt is empty: give the text to continue (at least one character)'),
+    (['--max_tokens', '0'], '--max_tokens 0: must be >= 1'),
+    (['--max_tokens', '-1'], '--max_tokens -1: must be >= 1'),
+    (['--temperature', '-1'], '--temperature -1.0: must be a number >= 0 (0: greedy)'),
+    (['--temperature', 'nan'], '--temperature nan: must be a number >= 0'),
+    (['--top_p', '1.5'], '--top_p 1.5: must be > 0 and <= 1'),
+    (['--top_p', '0'], '--top_p 0.0: must be > 0 and <= 1'),
+    (['--max_tokens', 'many'], "argument --max_tokens: invalid int value: 'many'"),
+])
+def test_command_line_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, flags,
+                                                                      message):
+  # The checkpoint does not exist: the flag, not the checkpoint, must be what is refused.
+  argv = ['--checkpoint', str(tmp_path / 'nothing'), '--prompt', 'x', *flags]
+  assert generate.main(argv) == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert len(error) == 1 and error[0].startswith(f'moetrain: error: {message}'), error
+
+
+def test_command_line_without_a_checkpoint_names_the_flag(capsys):
+  assert generate.main(['--prompt', 'x']) == 2
+  error = capsys.readouterr().err.strip().splitlines()
+  assert error == ['moetrain: error: the following arguments are required: --checkpoint']
+
+
 def test_expert_choice_model_refuses_to_generate():
   model = Transformer(model_config('expert_choice'), rngs=nnx.Rngs(0))
   graphdef, params, buffers = nnx.split(model, nnx.Param, ...)

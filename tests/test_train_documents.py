@@ -79,5 +79,5 @@ def test_an_empty_source_a_missing_field_and_an_unknown_dataset_are_named(corpus
   assert 'body' in message and str(corpus[0]) in message
   message = _refusal(capsys, tmp_path / 'w3', corpus, '--config.data.source=tfds',
                      '--config.data.tfds_name=no_such_dataset',
-                     f'--config.data.data_dir={tmp_path}')
+                     f'--config.data.data_dir={tmp_path}', '--config.data.path=')
   assert 'no_such_dataset' in message

@@ -11,7 +11,7 @@ from flax import nnx
 import moetrain
 from moetrain import checkpoint
 from moetrain import config as config_lib
-from moetrain import train
+from moetrain import model_diff, train
 from moetrain.state import build_model
 
 SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=64',
@@ -90,3 +90,42 @@ def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
                      f'--config.init.upcycle_from={tmp_path / "moe"}'])
   error = capsys.readouterr().err.strip()
   assert code == 2 and 'holds an MoE model' in error and len(error.splitlines()) == 1
+
+
+def _small(*flags):
+  return config_lib.load('configs/tiny.py', ['--config.model.d_model=32', '--config.model.d_ff=64',
+                                             '--config.model.num_layers=2', *flags])
+
+
+def test_blocking_fields_are_those_that_change_an_arrays_shape():
+  saved = _small('--config.model.vocab_size=4000', '--config.model.moe.aux_loss_weight=0.1',
+                 '--config.model.moe.capacity_factor=2.0', '--config.train.steps=7').to_dict()
+  assert model_diff.blocking_fields(saved, _small()) == ['model.vocab_size=4000→8000']
+
+
+def test_the_same_width_written_two_ways_does_not_block():
+  # d_expert=0 means "the width of d_ff": the arrays are those of an explicit d_expert=64.
+  explicit = _small('--config.model.moe.d_expert=64').to_dict()
+  assert model_diff.blocking_fields(explicit, _small()) == []
+  wider = _small('--config.model.moe.d_expert=96').to_dict()
+  assert model_diff.blocking_fields(wider, _small()) == ['model.moe.d_expert=96→0']
+
+
+def test_a_field_an_older_checkpoint_lacks_is_read_at_its_default():
+  saved = _small().to_dict()
+  del saved['model']['moe']['num_shared_experts'], saved['model']['moe']['z_loss_weight']
+  current = _small('--config.model.moe.num_shared_experts=1', '--config.model.moe.z_loss_weight=0')
+  assert model_diff.blocking_fields(saved, current) == ['model.moe.num_shared_experts=0→1']
+
+
+def test_fields_that_change_shapes_together_are_each_listed():
+  saved = _small('--config.model.num_heads=2', '--config.model.num_kv_heads=1').to_dict()
+  current = _small('--config.model.num_heads=4', '--config.model.num_kv_heads=4')
+  assert model_diff.blocking_fields(saved, current) == ['model.num_heads=2→4',
+                                                        'model.num_kv_heads=1→4']
+
+
+def test_a_saved_value_that_cannot_be_put_back_is_listed():
+  saved = _small().to_dict()
+  saved['model']['num_layers'] = 'two'
+  assert model_diff.blocking_fields(saved, _small()) == ["model.num_layers='two'→2"]

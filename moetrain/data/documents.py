@@ -118,30 +118,35 @@ class TextSource(_Documents):
     return sources.read_text(self._paths[index])
 
 
-def _jsonl_problem(raw: bytes, field: str) -> str:
-  try:
-    record = json.loads(raw.decode('utf-8', errors='replace'))
+def _jsonl_problem(raw: bytes, field: str) -> tuple[str, bool]:
+  """(what is wrong with one jsonl line, '' if nothing; whether another text field fixes it)."""
+  try:  # without its line ending, so that an error at the end names a column of this line
+    record = json.loads(raw.decode('utf-8', errors='replace').rstrip('\r\n'))
   except json.JSONDecodeError as error:
-    return f'not JSON ({error.msg} at column {error.colno})'
+    return f'not JSON ({error.msg}: column {error.colno})', False
   if not isinstance(record, dict):
-    return f'not a JSON object (a {type(record).__name__})'
+    return f'not a JSON object (a {type(record).__name__})', False
   if field not in record:
-    return f'no field {field!r}'
+    keys = ', '.join(map(repr, itertools.islice(record, 10))) + (', …' * (len(record) > 10))
+    return f'no field {field!r} (keys: {keys or "none"})', True
   if not isinstance(record[field], str):
-    return f'field {field!r} is {type(record[field]).__name__}, not a string'
-  return ''
+    return f'field {field!r} is {type(record[field]).__name__}, not a string', True
+  return '', False
 
 
-def _scan_jsonl(path: pathlib.Path, field: str, strict: bool):
+def _scan_jsonl(path: pathlib.Path, field: str, strict: bool, settings: str):
   """Line numbers and byte offsets of the good lines, and (line, problem) of the bad ones."""
   numbers, offsets, bad = array.array('q'), array.array('q'), []
   offset = 0
   with open(path, 'rb') as f:
     for number, raw in enumerate(f, start=1):
       if raw.strip():
-        problem = _jsonl_problem(raw, field)
+        problem, field_fixes = _jsonl_problem(raw, field)
         if problem and strict:
-          raise ConfigError(f'jsonl {path}:{number}: {problem}')
+          other_field = (f'{settings}text_field to the key that holds the text, or '
+                         if field_fixes else '')
+          raise ConfigError(f'jsonl {path}:{number}: {problem}; set {other_field}'
+                            f'{settings}on_bad_record=skip to skip such lines')
         if problem:
           bad.append((number, problem))
         else:
@@ -158,12 +163,13 @@ class JsonlSource(_Documents):
   dropped instead, and ``skipped``/``first_bad`` report this split's malformed lines.
   """
 
-  def __init__(self, files, label, split, text_field, per_mille, on_bad_record):
+  def __init__(self, files, label, split, text_field, per_mille, on_bad_record,
+               settings='data.'):
     self._paths, self._field = [str(p) for _, p in files], text_field
     self.skipped, self.first_bad = 0, ''
     file_ids, offsets = [], []
     for file_id, (name, path) in enumerate(files):
-      numbers, starts, bad = _scan_jsonl(path, text_field, on_bad_record == 'error')
+      numbers, starts, bad = _scan_jsonl(path, text_field, on_bad_record == 'error', settings)
       keep = _eval_mask(name, numbers, per_mille) == (split == 'eval')
       offsets.append(starts[keep])
       file_ids.append(np.full(int(keep.sum()), file_id, dtype=np.int32))
@@ -181,7 +187,7 @@ class JsonlSource(_Documents):
     return json.loads(raw.decode('utf-8', errors='replace'))[self._field]
 
 
-def _parquet_rows(path: pathlib.Path, field: str) -> list[int]:
+def _parquet_rows(path: pathlib.Path, field: str, settings: str) -> list[int]:
   """Row counts of the row groups of ``path``, after checking it has a text column ``field``."""
   import pyarrow as pa
   import pyarrow.parquet as pq
@@ -191,10 +197,12 @@ def _parquet_rows(path: pathlib.Path, field: str) -> list[int]:
     raise ConfigError(f'parquet {path}: {_first_line(error)}') from None
   schema = file.schema_arrow
   if field not in schema.names:
-    raise ConfigError(f'parquet {path}: no column {field!r} (columns: {", ".join(schema.names)})')
+    raise ConfigError(f'parquet {path}: no column {field!r} (columns: {", ".join(schema.names)});'
+                      f' set {settings}text_field to the one that holds the text')
   kind = schema.field(field).type
   if kind not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
-    raise ConfigError(f'parquet {path}: column {field!r} is {kind}, not a string')
+    raise ConfigError(f'parquet {path}: column {field!r} is {kind}, not a string; set '
+                      f'{settings}text_field to a text column')
   return [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
 
 
@@ -212,11 +220,11 @@ class ParquetSource(_Documents):
   array_record copy (tools/prepare_dataset.py).
   """
 
-  def __init__(self, files, label, split, text_field, per_mille):
+  def __init__(self, files, label, split, text_field, per_mille, settings='data.'):
     self._paths, self._field = [str(p) for _, p in files], text_field
     self._groups, sizes, rows, total = [], [], [], 0
     for file_id, (name, path) in enumerate(files):
-      file_sizes = _parquet_rows(path, text_field)
+      file_sizes = _parquet_rows(path, text_field, settings)
       self._groups += [(file_id, group) for group in range(len(file_sizes))]
       sizes += file_sizes
       keep = _eval_mask(name, np.arange(sum(file_sizes)), per_mille) == (split == 'eval')
@@ -238,7 +246,7 @@ class ParquetSource(_Documents):
     return value or ''  # a null text is an empty document
 
 
-def _open_tfds(name: str, split: str, data_dir: str, field: str):
+def _open_tfds(name: str, split: str, data_dir: str, field: str, settings: str):
   import tensorflow_datasets as tfds
   where = f'data_dir {data_dir!r}' if data_dir else 'the default TFDS data_dir'
   try:
@@ -256,9 +264,11 @@ def _open_tfds(name: str, split: str, data_dir: str, field: str):
   features = builder.info.features
   if field not in features:
     raise ConfigError(f'tfds dataset {name!r} has no feature {field!r} '
-                      f'(features: {", ".join(features.keys())})')
+                      f'(features: {", ".join(features.keys())}); set {settings}text_field to '
+                      'the one that holds the text')
   if features[field].np_dtype != np.dtype(object) or features[field].shape != ():
-    raise ConfigError(f'tfds dataset {name!r}: feature {field!r} is not a text scalar')
+    raise ConfigError(f'tfds dataset {name!r}: feature {field!r} is not a text scalar; set '
+                      f'{settings}text_field to a text feature')
   try:
     return builder.as_data_source(split=split)
   except Exception as error:
@@ -268,8 +278,10 @@ def _open_tfds(name: str, split: str, data_dir: str, field: str):
 class TfdsSource(_Documents):
   """The text feature ``text_field`` of a prepared array_record TFDS split (no TensorFlow)."""
 
-  def __init__(self, name: str, split: str, data_dir: str, text_field: str):
-    self._source, self._field = _open_tfds(name, split, data_dir, text_field), text_field
+  def __init__(self, name: str, split: str, data_dir: str, text_field: str,
+               settings: str = 'data.'):
+    self._source = _open_tfds(name, split, data_dir, text_field, settings)
+    self._field = text_field
     super().__init__(f'tfds {name!r}', split, len(self._source))
 
   def _read(self, index: int) -> str:
@@ -278,8 +290,12 @@ class TfdsSource(_Documents):
 
 def open_source(kind: str, path: str = '', *, text_field: str = 'text', data_dir: str = '',
                 tfds_name: str = '', split: str = 'train', on_bad_record: str = 'error',
-                eval_per_mille: int = 50) -> _Documents:
-  """A grain RandomAccessDataSource of the ``split`` documents of one source (see module doc)."""
+                eval_per_mille: int = 50, settings: str = 'data.') -> _Documents:
+  """A grain RandomAccessDataSource of the ``split`` documents of one source (see module doc).
+
+  Errors name what fixes them as ``settings`` + ``text_field`` or ``on_bad_record``: the config
+  fields by default; a tool whose flags these are passes ``'--'``.
+  """
   if kind not in KINDS:
     raise ConfigError(f'unknown document source {kind!r}; expected one of {", ".join(KINDS)}')
   if on_bad_record not in ON_BAD_RECORD:
@@ -287,7 +303,7 @@ def open_source(kind: str, path: str = '', *, text_field: str = 'text', data_dir
   if kind == 'tfds':
     if not tfds_name:
       raise ConfigError('tfds source: no dataset name (tfds_name) given')
-    return TfdsSource(tfds_name, split, data_dir, text_field)
+    return TfdsSource(tfds_name, split, data_dir, text_field, settings)
   if split not in FILE_SPLITS:
     raise ConfigError(f'{kind} source {path!r}: split {split!r} must be train or eval')
   if not 0 <= eval_per_mille <= 1000:
@@ -297,8 +313,8 @@ def open_source(kind: str, path: str = '', *, text_field: str = 'text', data_dir
     chosen = [p for name, p in files if _name_is_eval(name, eval_per_mille) == (split == 'eval')]
     return TextSource(chosen, label, split)
   if kind == 'jsonl':
-    return JsonlSource(files, label, split, text_field, eval_per_mille, on_bad_record)
-  return ParquetSource(files, label, split, text_field, eval_per_mille)
+    return JsonlSource(files, label, split, text_field, eval_per_mille, on_bad_record, settings)
+  return ParquetSource(files, label, split, text_field, eval_per_mille, settings)
 
 
 def mixture(parts, weights=None) -> grain.MapDataset:

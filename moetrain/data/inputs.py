@@ -2,6 +2,7 @@
 checkpointed position, and fixed eval batches."""
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +11,11 @@ from jax.experimental import multihost_utils
 from moetrain.data import documents, pipeline, sources
 from moetrain.data import tokenizer as tokenizer_lib
 from moetrain.errors import ConfigError
+
+
+def _lead_log(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_tokenizer(config, train_documents=None):
@@ -21,12 +27,13 @@ def load_tokenizer(config, train_documents=None):
     except (OSError, RuntimeError, ValueError) as error:
       raise ConfigError(f'data.tokenizer={config.data.tokenizer!r}: {error}') from error
   elif config.data.source == 'stdlib':
-    tokenizer = tokenizer_lib.load_or_train_stdlib_tokenizer(config.model.vocab_size)
+    tokenizer = tokenizer_lib.load_or_train_stdlib_tokenizer(config.model.vocab_size,
+                                                         log=_lead_log)
   else:
     if train_documents is None:
       train_documents = documents.documents_from_config(config.data, 'train')
     tokenizer = tokenizer_lib.load_or_train_tokenizer(train_documents, config.data,
-                                                      config.model.vocab_size)
+                                                      config.model.vocab_size, log=_lead_log)
   if tokenizer.vocab_size() > config.model.vocab_size:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'tokenizer vocabulary ({tokenizer.vocab_size()})')

@@ -10,8 +10,10 @@ import io
 import json
 import os
 import pathlib
+import re
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -144,11 +146,49 @@ def stdlib_tokenizer_path(vocab_size: int) -> pathlib.Path:
 # Documents a tokenizer is trained on when a run names none (a sample in a fixed order).
 TRAINING_DOCUMENTS = 20_000
 
+# SentencePiece's words for a vocabulary it cannot fill or that cannot hold every character.
+_TOO_LARGE = re.compile(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)')
+_TOO_SMALL = re.compile(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)')
 
-def load_or_train_tokenizer(documents, data_config, vocab_size: int
-                            ) -> spm.SentencePieceProcessor:
+
+def vocab_size_error(error: RuntimeError, vocab_size: int, corpus: str) -> ConfigError:
+  """The one-line ConfigError for SentencePiece failing to train `vocab_size` pieces on
+  `corpus`: it names model.vocab_size and, when SentencePiece reports one, the bound to meet."""
+  text = str(error)
+  if match := _TOO_SMALL.search(text):
+    return ConfigError(f'model.vocab_size={vocab_size} is too small for a tokenizer of {corpus}:'
+                       f' it needs at least {int(match[2]):,} tokens (its characters, the 256 '
+                       f'bytes and the special tokens); set model.vocab_size >= {match[2]}')
+  if match := _TOO_LARGE.search(text):
+    return ConfigError(f'model.vocab_size={vocab_size} is too large for a tokenizer of {corpus}:'
+                       f' SentencePiece learns at most {int(match[2]):,} tokens from it; set '
+                       f'model.vocab_size <= {match[2]} or give data.tokenizer')
+  detail = text.strip().splitlines()[-1].split('] ')[-1] if text.strip() else repr(error)
+  return ConfigError(f'model.vocab_size={vocab_size}: SentencePiece cannot train a tokenizer of '
+                     f'that size on {corpus} ({detail}); change model.vocab_size or give '
+                     'data.tokenizer')
+
+
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def _train_and_cache(texts, vocab_size: int, path: pathlib.Path, corpus: str,
+                     log: Callable[[str], None]) -> None:
+  # Training takes tens of seconds: say what is happening, once, before it starts.
+  log(f'training a sentencepiece tokenizer of {vocab_size:,} tokens on {corpus}, once '
+      f'(cached in {path.parent})…')
+  try:
+    train_tokenizer(texts, vocab_size, path)
+  except RuntimeError as error:
+    raise vocab_size_error(error, vocab_size, corpus) from error
+
+
+def load_or_train_tokenizer(documents, data_config, vocab_size: int,
+                            log: Callable[[str], None] = _stderr) -> spm.SentencePieceProcessor:
   """A BPE tokenizer of up to `TRAINING_DOCUMENTS` documents of a source (a grain MapDataset
-  of strings), trained once and cached under a key of the data config and vocabulary size."""
+  of strings), trained once and cached under a key of the data config and vocabulary size.
+  `log` gets one progress line before a training (pass a no-op on all but one process)."""
   fields = {name: data_config[name] for name in ('source', 'path', 'text_field', 'data_dir',
                                                  'tfds_name', 'weights', 'split')}
   key = hashlib.sha1(json.dumps([fields, vocab_size, len(documents)], sort_keys=True)
@@ -156,20 +196,20 @@ def load_or_train_tokenizer(documents, data_config, vocab_size: int
   path = cache_dir() / 'tokenizers' / f'{data_config.source}-bpe-{vocab_size}-{key}.model'
   if not path.is_file():
     sample = documents.shuffle(seed=0)
-    texts = (sample[i] for i in range(min(len(sample), TRAINING_DOCUMENTS)))
-    try:
-      train_tokenizer(texts, vocab_size, path)
-    except RuntimeError as error:
-      raise ConfigError(f'data: cannot train a {vocab_size}-piece tokenizer on this source '
-                        f'({str(error).strip().splitlines()[-1]}); lower model.vocab_size or '
-                        'give data.tokenizer') from error
+    count = min(len(sample), TRAINING_DOCUMENTS)
+    _train_and_cache((sample[i] for i in range(count)), vocab_size, path,
+                     f'{count:,} documents of data.source={data_config.source}', log)
   return load_tokenizer(path)
 
 
-def load_or_train_stdlib_tokenizer(vocab_size: int) -> spm.SentencePieceProcessor:
-  """The BPE tokenizer of the stdlib train split, trained once and then loaded from cache."""
+def load_or_train_stdlib_tokenizer(vocab_size: int, log: Callable[[str], None] = _stderr
+                                   ) -> spm.SentencePieceProcessor:
+  """The BPE tokenizer of the stdlib train split, trained once and then loaded from cache.
+  `log` gets one progress line before a training (pass a no-op on all but one process)."""
   path = stdlib_tokenizer_path(vocab_size)
   if not path.is_file():
-    texts = (sources.read_text(p) for p in sources.stdlib_files('train'))
-    train_tokenizer(texts, vocab_size, path)
+    files = sources.stdlib_files('train')
+    _train_and_cache((sources.read_text(p) for p in files), vocab_size, path,
+                     f'the embedded corpus ({len(files):,} files of the Python standard library)',
+                     log)
   return load_tokenizer(path)

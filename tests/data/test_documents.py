@@ -89,16 +89,37 @@ def test_jsonl_lines_are_documents(tmp_path):
 
 
 @pytest.mark.parametrize('line, problem', [
-    ('{"text": "ok"', 'not JSON'),
+    ('{"text": "ok"', "not JSON (Expecting ',' delimiter: column 14)"),
+    ('{"text": "unfinished', 'not JSON (Unterminated string starting at: column 10)'),
     ('[1, 2]', 'not a JSON object (a list)'),
-    ('{"body": "x"}', "no field 'text'"),
-    ('{"text": 5}', "field 'text' is int, not a string"),
 ])
-def test_jsonl_malformed_line_is_named(tmp_path, line, problem):
+def test_jsonl_malformed_line_is_named_with_the_setting_that_skips_it(tmp_path, line, problem):
   path = _write_jsonl(tmp_path / 'bad.jsonl', ['{"text": "a"}', '', line, '{"text": "b"}'])
   with pytest.raises(ConfigError) as error:
     documents.open_source('jsonl', str(path))
-  assert f'{path}:3: {problem}' in _one_line(error)
+  assert _one_line(error) == (f'jsonl {path}:3: {problem}; set data.on_bad_record=skip to skip '
+                              'such lines')
+
+
+@pytest.mark.parametrize('line, problem', [
+    ('{"body": "x", "id": 7}', "no field 'text' (keys: 'body', 'id')"),
+    ('{}', "no field 'text' (keys: none)"),
+    ('{"text": 5}', "field 'text' is int, not a string"),
+])
+def test_jsonl_record_without_a_text_names_data_text_field(tmp_path, line, problem):
+  path = _write_jsonl(tmp_path / 'bad.jsonl', ['{"text": "a"}', line])
+  with pytest.raises(ConfigError) as error:
+    documents.open_source('jsonl', str(path))
+  assert _one_line(error) == (f'jsonl {path}:2: {problem}; set data.text_field to the key that '
+                              'holds the text, or data.on_bad_record=skip to skip such lines')
+
+
+def test_a_tool_with_flags_gets_them_named_instead_of_the_config_fields(tmp_path):
+  path = _write_jsonl(tmp_path / 'bad.jsonl', ['{"body": "x"}'])
+  with pytest.raises(ConfigError) as error:
+    documents.open_source('jsonl', str(path), settings='--')
+  assert _one_line(error).endswith('set --text_field to the key that holds the text, or '
+                                   '--on_bad_record=skip to skip such lines')
 
 
 def test_jsonl_skip_mode_counts_bad_lines(tmp_path):
@@ -137,7 +158,8 @@ def test_parquet_bad_column_is_named(tmp_path):
   path = _write_parquet(tmp_path / 'p.parquet', ['x', 'y'], column='content')
   with pytest.raises(ConfigError) as error:
     documents.open_source('parquet', str(path))
-  assert f"parquet {path}: no column 'text' (columns: content, n)" == _one_line(error)
+  assert _one_line(error) == (f"parquet {path}: no column 'text' (columns: content, n); set "
+                              'data.text_field to the one that holds the text')
   with pytest.raises(ConfigError, match="column 'n' is int64, not a string"):
     documents.open_source('parquet', str(path), text_field='n')
   (tmp_path / 'junk.parquet').write_text('not parquet')

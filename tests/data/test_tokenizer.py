@@ -5,6 +5,7 @@ import sentencepiece as spm
 
 from moetrain.data import sources, tokenizer
 from moetrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from moetrain.errors import ConfigError
 
 # Lossless on whitespace and non-ASCII. "\r" is kept too (as a byte piece),
 # although read_text normalises the line endings of corpus files to "\n".
@@ -111,3 +112,49 @@ def test_load_tokenizer_rejects_other_special_ids(tmp_path):
                                  minloglevel=2)
   with pytest.raises(ValueError, match='pad_id=-1'):
     tokenizer.load_tokenizer(path)
+
+
+def test_a_vocab_size_below_what_the_corpus_needs_names_model_vocab_size(monkeypatch, tmp_path):
+  monkeypatch.setenv('MOETRAIN_CACHE', str(tmp_path))
+  lines = []
+  with pytest.raises(ConfigError) as error:
+    tokenizer.load_or_train_stdlib_tokenizer(100, log=lines.append)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith('model.vocab_size=100 is too small for a tokenizer of the embedded '
+                            'corpus')
+  minimum = int(message.rsplit('model.vocab_size >= ', 1)[1])
+  assert 256 < minimum < 1000
+  # One progress line before the training, naming the size and the cache.
+  assert len(lines) == 1 and 'of 100 tokens on the embedded corpus' in lines[0]
+  assert str(tmp_path / 'tokenizers') in lines[0]
+  assert not list(tmp_path.rglob('*.model'))
+
+
+def test_a_vocab_size_above_what_the_texts_hold_names_the_maximum(tmp_path):
+  texts = [sources.read_text(p) for p in sources.stdlib_files('eval')[:3]]
+  with pytest.raises(RuntimeError) as error:
+    tokenizer.train_tokenizer(texts, 100_000, tmp_path / 'big.model')
+  message = str(tokenizer.vocab_size_error(error.value, 100_000, 'three files'))
+  maximum = int(message.split('model.vocab_size <= ')[1].split()[0])
+  assert message == (f'model.vocab_size=100000 is too large for a tokenizer of three files: '
+                     f'SentencePiece learns at most {maximum:,} tokens from it; set '
+                     f'model.vocab_size <= {maximum} or give data.tokenizer')
+  tokenizer.train_tokenizer(texts, maximum, tmp_path / 'largest.model')  # the bound is exact
+  assert not (tmp_path / 'big.model').exists()
+
+
+def test_an_unknown_sentencepiece_failure_keeps_its_last_line():
+  error = RuntimeError('INTERNAL: src/x.cc(1) [a == b]\nsomething odd')
+  assert str(tokenizer.vocab_size_error(error, 500, 'a corpus')) == (
+      'model.vocab_size=500: SentencePiece cannot train a tokenizer of that size on a corpus '
+      '(something odd); change model.vocab_size or give data.tokenizer')
+
+
+def test_an_interrupted_write_leaves_neither_model_nor_temp_file(monkeypatch, tmp_path):
+  def interrupted(fd):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(tokenizer.os, 'fsync', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    tokenizer.atomic_write_bytes(tmp_path / 'tok.model', b'half')
+  assert list(tmp_path.iterdir()) == []
