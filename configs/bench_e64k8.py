@@ -3,10 +3,10 @@ shared expert), for one H100 in bf16.
 
 configs/bench_e8k2.py (12 blocks of width 2048, 16 heads of width 128, a 32000-token vocabulary,
 8 sequences of 2048 tokens per step) with full multi-head attention and 64 routed SwiGLU experts
-of width 1408 (PERFORMANCE.md's fine-grained layer shape), top-8 with renormalised weights, plus
-one shared expert of the same width. 1.27B parameters active per token, 7.08B in all (bf16
-weights and Adam moments: ~42 GB). `tools/benchmark.py train` and `model` measure it against
-PERFORMANCE.md's MFU target.
+of width 1408 (the fine-grained layer shape of docs/performance.md), top-8 with renormalised
+weights, plus one shared expert of the same width. 1.27B parameters active per token, 7.08B in
+all (bf16 weights and Adam moments: ~42 GB). `tools/benchmark.py train` and `model` measure it
+against docs/performance.md's MFU target.
 """
 
 import pathlib

@@ -1,10 +1,11 @@
 """Benchmark shape: a ~1B-active Mixtral-like MoE (8 experts, top-2), for one H100 in bf16.
 
 12 blocks of width 2048 with 16 query and 8 key/value heads of width 128; 8 SwiGLU experts of
-width 5632 (PERFORMANCE.md's E8 top-2 layer shape), top-2 with renormalised weights; a
-32000-token vocabulary, untied. 1.11B parameters active per token, 3.60B in all (bf16 weights
+width 5632 (the E8 top-2 layer shape of docs/performance.md), top-2 with renormalised weights;
+a 32000-token vocabulary, untied. 1.11B parameters active per token, 3.60B in all (bf16 weights
 and Adam moments: ~22 GB). 8 sequences of 2048 tokens (16384 tokens, the layer benchmark's) per
-step. `tools/benchmark.py train` and `model` measure it against PERFORMANCE.md's MFU target.
+step. `tools/benchmark.py train` and `model` measure it against docs/performance.md's MFU
+target.
 """
 
 from moetrain.config import default_config

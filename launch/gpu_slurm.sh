@@ -4,6 +4,7 @@
 set -euo pipefail
 
 PROG=launch/gpu_slurm.sh
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Lets XLA move collectives to overlap them with compute (JAX's GPU performance tips and
 # NVIDIA JAX-Toolbox, which sets it in its images).
@@ -15,7 +16,9 @@ Usage: $PROG --nodes N [--gpus-per-node G] [--partition P] [--time T] [--account
        [--job-name NAME] [--jax-extra EXTRA] [--dry-run] [--help] -- TRAIN_ARGS...
 
 Writes a batch script and submits it with sbatch from this directory (the repository, on
-storage every node sees). The job runs make install and pip install 'jax[EXTRA]' once, then
+storage every node sees). The job runs make install, then pip install
+'jax[EXTRA]==<setup.py's jax>' -e '.[gcs]' into .venv (skipped when that install is newer
+than setup.py), then
   srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=<GPU flags>
        .venv/bin/python -m moetrain.train TRAIN_ARGS
 
@@ -76,6 +79,13 @@ train_args=("$@")
 is_count "$nodes" || die "--nodes $nodes: expected a positive integer"
 is_count "$gpus_per_node" || die "--gpus-per-node $gpus_per_node: expected a positive integer"
 ((${#train_args[@]})) || die "no training arguments after -- (see --help)"
+[[ $jax_extra =~ ^[a-z0-9_-]+$ ]] || die "--jax-extra $jax_extra: expected an extra like cuda12"
+
+# The GPU wheels of the jax version setup.py pins, so they match the rest of the install.
+jax_version=$(sed -nE "s/^ *'jax==([^']+)',.*/\1/p" "$ROOT/setup.py")
+[[ -n $jax_version ]] || die "no 'jax==VERSION' pin found in $ROOT/setup.py"
+# Once per venv: the stamp names the pin and is older than setup.py after any pin changes.
+stamp=".venv/.installed-jax-$jax_extra-$jax_version-gcs"
 
 batch_script() {
   echo '#!/usr/bin/env bash'
@@ -90,7 +100,8 @@ batch_script() {
   [[ -z $account ]] || echo "#SBATCH --account=$account"
   echo 'set -euo pipefail'
   echo 'make install PYTHON=python3'
-  echo ".venv/bin/python -m pip install --quiet --upgrade $(printf '%q' "jax[$jax_extra]")"
+  echo "test $stamp -nt setup.py || { .venv/bin/python -m pip install --quiet" \
+    "'jax[$jax_extra]==$jax_version' -e '.[gcs]' && touch $stamp; }"
   printf 'srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=%q' "$GPU_XLA_FLAGS"
   printf ' TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m moetrain.train'
   printf ' %q' "${train_args[@]}"

@@ -9,7 +9,7 @@ usage() {
   cat <<EOF
 Usage: $PROG N [--devices-per-process K] [--port P] [--dry-run] [--help] -- COMMAND...
 
-Starts N CPU processes running COMMAND (for example: python -m moetrain.train --config
+Starts N CPU processes running COMMAND (for example: .venv/bin/python -m moetrain.train --config
 configs/tiny.py --workdir runs/mp), each with K host devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=K, JAX_PLATFORMS=cpu) and the flags
   --coordinator_address 127.0.0.1:P --num_processes N --process_id I

@@ -1,8 +1,8 @@
 """Accelerators the cost model and MFU know: peak bf16 FLOP/s, memory and link bandwidths.
 
 Figures are the vendors' datasheet numbers (dense bf16, no sparsity). A step that runs at the
-datasheet peak is 100% MFU; real kernels reach well under it (PERFORMANCE.md: ~690 TFLOP/s for
-a large bf16 matmul on an H100, 70% of its 989).
+datasheet peak is 100% MFU; real kernels reach well under it (docs/performance.md: ~690
+TFLOP/s for a large bf16 matmul on an H100, 70% of its 989).
 """
 
 import dataclasses

@@ -1,11 +1,15 @@
-"""launch/*.sh: dry runs, shellcheck, and two local processes matching one process step for step."""
+"""launch/*.sh: dry runs, shellcheck, the TPU trainer detached and the accelerator install done
+once (both with a fake venv), and two local processes matching one process step for step."""
 
 import json
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +24,12 @@ TINY = ['--config', 'configs/tiny.py', '--config.model.d_model=32', '--config.mo
         '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.steps=5',
         '--config.train.log_every=1', '--config.train.eval_every=0',
         '--config.train.sample_tokens=0']
+
+
+def pinned_jax() -> str:
+  """The jax version setup.py pins, which the launchers must install for the accelerator."""
+  (version,) = re.findall(r"'jax==([^']+)'", (ROOT / 'setup.py').read_text())
+  return version
 
 
 def launch(script, *args, env=None, timeout=60):
@@ -122,23 +132,105 @@ def test_local_failure_stops_the_others_and_is_reported():
   assert 'stopping the others' in result.stderr
 
 
-def test_tpu_pod_dry_run():
+def tpu_pod_dry_run(*train_args, directory='moetrain'):
+  """(setup command, train command) run on the workers, and the hints printed to stderr."""
   result = launch('tpu_pod.sh', '--name', 'my-pod', '--zone', 'us-east5-a', '--repo',
-                  'https://example.com/moetrain.git', '--dry-run', '--', '--config',
-                  'configs/tiny.py', '--workdir', 'runs/pod')
+                  'https://example.com/moetrain.git', '--dir', directory, '--dry-run', '--',
+                  *train_args)
   assert result.returncode == 0, result.stderr
-  setup, run = result.stdout.strip().splitlines()
-  for line in (setup, run):
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2
+  for line in lines:
     assert line.startswith('gcloud compute tpus tpu-vm ssh my-pod --zone=us-east5-a '
                            '--worker=all --command '), line
-  assert 'git clone https://example.com/moetrain.git moetrain' in setup
-  assert 'make install' in setup and 'jax[tpu]' in setup
+  setup, run = (shlex.split(line)[-1] for line in lines)
+  return setup, run, result.stderr
+
+
+def test_tpu_pod_dry_run():
+  setup, run, hints = tpu_pod_dry_run('--config', 'configs/tiny.py', '--workdir',
+                                      'gs://bucket/runs/pod')
+  assert setup.startswith('test -d moetrain || git clone https://example.com/moetrain.git '
+                          'moetrain && cd moetrain && make install PYTHON=python3 && ')
+  # The accelerator wheels of setup.py's own jax pin, with gs:// support; never an upgrade.
+  assert f"'jax[tpu]=={pinned_jax()}' -e '.[gcs]'" in setup
+  assert '--upgrade' not in setup
   assert 'MOETRAIN_DISTRIBUTED=auto' in run
   assert 'LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true' in run
-  assert run.endswith(".venv/bin/python -m moetrain.train --config configs/tiny.py "
-                      "--workdir runs/pod'")
+  # Detached from the ssh session, its output in a log on each worker.
+  log = re.search(r'setsid nohup \.venv/bin/python -m moetrain\.train --config configs/tiny\.py '
+                  r'--workdir gs://bucket/runs/pod > (logs/train-[0-9-]+)\.log 2>&1 < /dev/null '
+                  r'& echo \$! > \1\.pid; }$', run)
+  assert log, run
+  assert f"--worker=0 --command 'tail -f moetrain/{log.group(1)}.log'" in hints
+  assert f"--worker=all --command 'kill $(cat moetrain/{log.group(1)}.pid)'" in hints
   missing = launch('tpu_pod.sh', '--zone', 'z', '--dry-run', '--', '--config', 'c')
   assert missing.returncode == 2 and '--name is missing' in missing.stderr
+
+
+def fake_venv(directory: pathlib.Path, python: str) -> pathlib.Path:
+  """A checkout in `directory` whose .venv/bin/python is the bash script `python`."""
+  (directory / '.venv' / 'bin').mkdir(parents=True)
+  shutil.copy(ROOT / 'setup.py', directory / 'setup.py')
+  fake = directory / '.venv' / 'bin' / 'python'
+  fake.write_text('#!/usr/bin/env bash\n' + python)
+  fake.chmod(0o755)
+  return directory
+
+
+def wait_for(condition, deadline_s=60):
+  """Polls until `condition()` holds; fails after `deadline_s` (a hang, not a slow machine)."""
+  end = time.monotonic() + deadline_s
+  while not condition():
+    assert time.monotonic() < end, 'gave up waiting'
+    time.sleep(0.05)
+
+
+def test_tpu_pod_training_outlives_the_command_that_started_it(tmp_path):
+  """The worker's command returns while training runs on in its own session, logging."""
+  checkout = fake_venv(tmp_path / 'code', 'echo "args: $* $MOETRAIN_DISTRIBUTED"\n'
+                       'until [[ -e release ]]; do sleep 0.05; done\necho released\n')
+  _, run, _ = tpu_pod_dry_run('--workdir', 'w', directory=str(checkout))
+  # Without the detaching, this would wait for the fake trainer, which waits for `release`.
+  started = subprocess.run(['bash', '-c', run], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60)
+  assert started.returncode == 0 and started.stdout == '', started.stderr
+  (pid_file,) = (checkout / 'logs').glob('train-*.pid')
+  pid, log = int(pid_file.read_text()), pid_file.with_suffix('.log')
+  try:
+    wait_for(lambda: log.read_text().startswith('args:'))  # past setsid and nohup
+    assert os.getsid(pid) == pid != os.getsid(0)  # a session of its own: no hang-up reaches it
+    assert log.read_text() == 'args: -m moetrain.train --workdir w auto\n'
+  finally:
+    (checkout / 'release').touch()
+  wait_for(lambda: 'released' in log.read_text())
+
+
+@pytest.mark.parametrize('script', ['tpu_pod.sh', 'gpu_slurm.sh'])
+def test_accelerator_install_runs_once_per_setup_py(script, tmp_path):
+  """The pinned jax and the gcs extra are installed, then skipped until setup.py changes."""
+  checkout = fake_venv(tmp_path / 'code', 'echo "$*" >> calls\n')
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'make').write_text('#!/usr/bin/env bash\n')  # `make install` is the Makefile's
+  (bin_dir / 'make').chmod(0o755)
+  if script == 'tpu_pod.sh':
+    setup, _, _ = tpu_pod_dry_run('--workdir', 'w', directory=str(checkout))
+  else:
+    result = launch(script, '--nodes', '1', '--dry-run', '--', '--workdir', 'w')
+    setup = next(line for line in result.stdout.splitlines() if 'pip install' in line)
+  extra = 'tpu' if script == 'tpu_pod.sh' else 'cuda12'
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  calls = checkout / 'calls'
+  for expected in (1, 1, 2):
+    if expected == 2:  # a pin changed
+      stamp_time = max(p.stat().st_mtime for p in (checkout / '.venv').glob('.installed-*'))
+      os.utime(checkout / 'setup.py', (stamp_time + 10, stamp_time + 10))
+    result = subprocess.run(['bash', '-c', setup], cwd=checkout, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == expected * [
+        f'-m pip install --quiet jax[{extra}]=={pinned_jax()} -e .[gcs]']
 
 
 def test_gpu_slurm_dry_run():
@@ -151,6 +243,9 @@ def test_gpu_slurm_dry_run():
                     '--partition=a100'):
     assert f'#SBATCH {directive}' in lines
   assert 'make install PYTHON=python3' in lines
+  install = [line for line in lines if 'pip install' in line]
+  assert len(install) == 1 and '--upgrade' not in install[0]
+  assert f"'jax[cuda12]=={pinned_jax()}' -e '.[gcs]'" in install[0]
   srun = [line for line in lines if line.startswith('srun ')]
   assert srun == ['srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto '
                   'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true '
@@ -185,8 +280,8 @@ def losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_local_processes_match_one_process(tmp_path):
-  command = [sys.executable, '-m', 'moetrain.train', *TINY]
+def test_two_local_processes_match_one_process_and_report_once(tmp_path):
+  command = [sys.executable, '-m', 'moetrain.train', *TINY, '--config.train.eval_every=5']
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   env.pop('MOETRAIN_DISTRIBUTED', None)
   # One process first: it also fills the tokenizer and corpus caches the two then share.
@@ -200,3 +295,6 @@ def test_two_local_processes_match_one_process(tmp_path):
   assert multi.returncode == 0, multi.stderr[-3000:]
   np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'),
                              rtol=1e-5)
+  output = multi.stdout + multi.stderr
+  for line in ('devices: ', 'step 5: eval loss', 'metrics: '):  # from the lead process only
+    assert output.count(line) == 1, output

@@ -55,7 +55,8 @@ def test_plots_written(tmp_path, capsys):
            'dropped_fraction.png']
   printed = capsys.readouterr().out.splitlines()
   assert [line.strip() for line in printed[1:-1]] == [str(out / name) for name in names]
-  assert printed[-1].endswith(f'tensorboard --logdir {tmp_path / "run"}')
+  assert printed[-1] == ("TensorBoard (scalars, expert-load images, profiles; pip install -e "
+                         f"'.[tensorboard]'): tensorboard --logdir {tmp_path / 'run'}")
   for name in names:
     with open(out / name, 'rb') as file:
       assert file.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -78,6 +79,27 @@ def test_dense_run(tmp_path, capsys):
   assert load_tool().main([str(tmp_path)]) == 0
   printed = capsys.readouterr().out.splitlines()
   assert [line.strip() for line in printed[1:-1]] == [str(tmp_path / 'plots' / 'loss.png')]
+
+
+def test_a_single_record_is_drawn(tmp_path, monkeypatch):
+  """A line needs two points: one logged record must still show, as markers."""
+  rng = np.random.default_rng(0)
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps(train_record(5, rng)) + '\n')
+  tool = load_tool()
+  figures, save = {}, tool._save
+  monkeypatch.setattr(tool, '_save',
+                      lambda fig, path: (figures.setdefault(path.name, fig), save(fig, path))[1])
+  assert tool.main([str(tmp_path)]) == 0
+  assert (tmp_path / 'plots' / 'expert_load_layer1.png').is_file()
+  lines = [(ax, line) for name in ('loss.png', 'dropped_fraction.png')
+           for ax in figures[name].axes for line in ax.get_lines()]
+  # train loss, aux_loss, z_loss, and dropped_fraction of each MoE layer
+  assert len(lines) == 3 + LAYERS
+  for ax, line in lines:
+    assert len(line.get_xdata()) == 1
+    assert line.get_marker() not in ('None', '', ' ', None) and line.get_markersize() > 0
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x0 <= line.get_xdata()[0] <= x1 and y0 <= line.get_ydata()[0] <= y1
 
 
 @pytest.mark.parametrize('setup', ['missing', 'no_file', 'empty', 'garbage'])

@@ -11,7 +11,7 @@
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each way of
 computing it (the capacity buffers' two backends at --capacity-factor, and dropless), next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
 a shared expert, where the shape has one, is added to both), timed side by side in one process.
-The ratio MoE / dense is the overhead PERFORMANCE.md sets targets for (1.0: no overhead).
+The ratio MoE / dense is the overhead docs/performance.md sets targets for (1.0: no overhead).
 Absolute times move from machine to machine; compare ratios from one run.
 
 checkpoint: train steps of a config timed alone and while an asynchronous Orbax save of the
@@ -83,7 +83,7 @@ class LayerShape:
   d_shared: int = 0  # hidden width of a shared expert; 0: none
 
 
-# `small` fits a 2-core CPU in about two minutes; `full` are PERFORMANCE.md's GPU shapes.
+# `small` fits a 2-core CPU in about two minutes; `full` are docs/performance.md's GPU shapes.
 SHAPES = {
     'small': (
         LayerShape('E8 top-2', 256, 512, 8, 2, 8, 512),

@@ -5,10 +5,10 @@
 DIR is a run's workdir. Writes `loss.png` (train and eval loss; aux and z loss),
 `expert_load_layer{i}.png` per MoE layer (the fraction of assignments each expert received at
 each logged step) and `dropped_fraction.png` (per MoE layer), and prints the paths written.
-Needs matplotlib, which training does not: `pip install matplotlib`.
 """
 
 import argparse
+import io
 import json
 import pathlib
 import sys
@@ -17,6 +17,8 @@ import numpy as np
 
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from moetrain import paths  # noqa: E402
 
 
 class PlotError(Exception):
@@ -61,9 +63,18 @@ def _figure(*args, **kwargs):
   return plt.subplots(*args, **kwargs)
 
 
+def _plot(ax, steps: np.ndarray, values: np.ndarray, **kwargs) -> None:
+  """`ax.plot`, with a marker on a series of one point, which a line alone would not show."""
+  if len(steps) == 1 and kwargs.get('marker') is None:
+    kwargs['marker'] = 'o'
+  ax.plot(steps, values, **kwargs)
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
   import matplotlib.pyplot as plt
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()  # through bytes, so a gs:// workdir takes the plots as well
+  fig.savefig(png, format='png', dpi=100)
+  path.write_bytes(png.getvalue())
   plt.close(fig)  # figures otherwise stay alive in pyplot's registry
   return path
 
@@ -71,10 +82,10 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 def plot_loss(train: list[dict], evals: list[dict], out: pathlib.Path) -> pathlib.Path:
   """Train and eval cross-entropy on top; the auxiliary and z losses below."""
   fig, (top, bottom) = _figure(2, 1, figsize=(9, 7), sharex=True, layout='constrained')
-  for records, label, style in ((train, 'train', '-'), (evals, 'eval', 'o-')):
+  for records, label, marker in ((train, 'train', None), (evals, 'eval', 'o')):
     steps, values = series(records, 'loss')
     if len(steps):
-      top.plot(steps, values, style, label=f'{label} loss', markersize=4)
+      _plot(top, steps, values, marker=marker, label=f'{label} loss', markersize=4)
   top.set_ylabel('cross-entropy loss')
   top.set_title('Loss')
   top.legend()
@@ -82,7 +93,7 @@ def plot_loss(train: list[dict], evals: list[dict], out: pathlib.Path) -> pathli
   for key in ('aux_loss', 'z_loss'):
     steps, values = series(train, key)
     if len(steps):
-      bottom.plot(steps, values, label=key)
+      _plot(bottom, steps, values, label=key)
   bottom.set_xlabel('step')
   bottom.set_ylabel('router loss (summed over MoE layers)')
   bottom.set_title('Auxiliary losses')
@@ -134,7 +145,7 @@ def plot_dropped(train: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     return []
   fig, ax = _figure(figsize=(9, 4.5), layout='constrained')
   for layer in range(dropped.shape[1]):
-    ax.plot(steps, dropped[:, layer], label=f'MoE layer {layer}')
+    _plot(ax, steps, dropped[:, layer], label=f'MoE layer {layer}')
   ax.set_xlabel('step')
   ax.set_ylabel('dropped fraction of assignments')
   ax.set_title('Tokens dropped by expert capacity')
@@ -145,9 +156,11 @@ def plot_dropped(train: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
 
 
 def plot(workdir: pathlib.Path, out: pathlib.Path | None = None) -> list[pathlib.Path]:
-  """Writes every plot the records allow into `out` (default `workdir/plots`)."""
+  """Writes every plot the records allow into `out` (default `workdir/plots`); both may be
+  local paths or URLs such as gs://bucket/run."""
+  workdir = paths.resolve(workdir)
   train, evals = read_records(workdir)
-  out = out if out is not None else workdir / 'plots'
+  out = paths.resolve(out) if out is not None else workdir / 'plots'
   out.mkdir(parents=True, exist_ok=True)
   return [plot_loss(train, evals, out), *plot_expert_load(train, out),
           *plot_dropped(train, out)]
@@ -155,8 +168,8 @@ def plot(workdir: pathlib.Path, out: pathlib.Path | None = None) -> list[pathlib
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('dir', type=pathlib.Path, help='a run workdir holding metrics.jsonl')
-  parser.add_argument('--out', type=pathlib.Path, help='output directory (default DIR/plots)')
+  parser.add_argument('dir', help='a run workdir holding metrics.jsonl (a path or gs:// URL)')
+  parser.add_argument('--out', help='output directory (default DIR/plots)')
   args = parser.parse_args(argv)
   try:
     paths = plot(args.dir, args.out)
@@ -164,7 +177,8 @@ def main(argv=None) -> int:
     print(f'plot_metrics: error: {error}', file=sys.stderr)
     return 2
   print('plots:\n' + '\n'.join(f'  {path}' for path in paths))
-  print(f'TensorBoard (scalars, expert-load images, profiles): tensorboard --logdir {args.dir}')
+  print("TensorBoard (scalars, expert-load images, profiles; pip install -e '.[tensorboard]'): "
+        f'tensorboard --logdir {args.dir}')
   return 0
 
 
