@@ -1,6 +1,6 @@
 """A run whose workdir is a `gs://` bucket, against a local GCS emulator on loopback: config,
-metrics, TensorBoard events and checkpoints land in the bucket, and a killed run resumes
-from it."""
+metrics, TensorBoard events and checkpoints land in the bucket, a killed run resumes from it,
+and documents and tokenizer are read from it."""
 
 import json
 import os
@@ -16,6 +16,8 @@ import urllib.request
 
 import pytest
 from tensorboardX.proto import event_pb2
+
+from moetrain.data.tokenizer import train_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
@@ -77,13 +79,13 @@ def scalars(event_file: bytes, tag: str) -> dict[int, float]:
   return found
 
 
-def start(url, cwd, steps):
+def start(url, cwd, steps, *extra, workdir='gs://bucket/run'):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              TF_CPP_MIN_LOG_LEVEL='2', STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
              GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
   return subprocess.Popen(
       [sys.executable, '-m', 'moetrain.train', '--config', str(REPO / 'configs/tiny.py'),
-       '--workdir', 'gs://bucket/run', *SMALL, f'--config.train.steps={steps}'],
+       '--workdir', workdir, *SMALL, f'--config.train.steps={steps}', *extra],
       cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -117,3 +119,30 @@ def test_a_gs_workdir_holds_the_whole_run_and_a_killed_run_resumes_from_it(bucke
   assert sorted(losses) == [reached + 1, reached + 2]
   assert losses[reached + 2] == pytest.approx(records[-1]['loss'])
   assert os.listdir(tmp_path) == []  # no local `gs:` folder, nothing else either
+
+
+def upload(url: str, name: str, data: bytes) -> None:
+  query = urllib.parse.urlencode({'uploadType': 'media', 'name': name})
+  request = urllib.request.Request(f'{url}/upload/storage/v1/b/bucket/o?{query}', data=data,
+                                   method='POST')
+  urllib.request.urlopen(request).read()
+
+
+def test_documents_and_tokenizer_are_read_from_the_bucket(bucket, tmp_path):
+  texts = [f'def f{i}(x):\n    return x * {i} + {i % 7}\n' * (1 + i % 5) for i in range(400)]
+  for shard in range(2):
+    upload(bucket, f'data/shard-{shard}.jsonl', ''.join(
+        json.dumps({'text': t}) + '\n' for t in texts[shard::2]).encode())
+  train_tokenizer(texts, 300, tmp_path / 'tokenizer.model')
+  upload(bucket, 'tokenizer.model', (tmp_path / 'tokenizer.model').read_bytes())
+  process = start(bucket, tmp_path, 2, '--config.data.source=jsonl', '--config.data.path=gs://bucket/data/*.jsonl',
+                  '--config.data.tokenizer=gs://bucket/tokenizer.model',
+                  '--config.model.vocab_size=300', workdir='gs://bucket/documents')
+  stdout, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr
+  assert 'data: jsonl gs://bucket/data/*.jsonl' in stdout
+  assert ('tokenizer: sentencepiece, 300 pieces (data.tokenizer=gs://bucket/tokenizer.model)'
+          in stdout)
+  records = [json.loads(line)
+             for line in download(bucket, 'documents/metrics.jsonl').splitlines()]
+  assert [r['step'] for r in records] == [1, 2]

@@ -20,7 +20,9 @@ import sys
 
 import grain
 import numpy as np
+from etils import epath
 
+from moetrain import paths
 from moetrain.data import sources
 from moetrain.errors import ConfigError
 
@@ -35,7 +37,28 @@ def _entries(spec: str) -> list[str]:
   return [entry.strip() for entry in spec.split(',') if entry.strip()]
 
 
+def _match_remote(entry: str) -> list[tuple[str, epath.Path]]:
+  """`_match` for a URL (gs://…): object stores list one level per call, so a pattern may
+  not hold `**`; a directory is walked."""
+  if '**' in entry:
+    raise ConfigError(f'{entry}: ** is not supported in object-store paths; use * per level')
+  parts = entry.split('/')
+  if _GLOB_CHARS & set(entry):
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    root = paths.resolve('/'.join(parts[:first]))
+    matches = root.glob('/'.join(parts[first:]))
+    return [(p.relative_to(root).as_posix(), p) for p in matches if p.is_file()]
+  path = paths.resolve(entry)
+  if path.is_dir():
+    return [(p.relative_to(path).as_posix(), p)
+            for directory, _, names in path.walk() for p in (directory / n for n in names)
+            if not any(part.startswith('.') for part in p.relative_to(path).parts)]
+  return [(path.name, path)] if path.is_file() else []
+
+
 def _match(entry: str) -> list[tuple[str, pathlib.Path]]:
+  if paths.is_remote(entry):
+    return _match_remote(entry)
   path = pathlib.Path(entry)
   if _GLOB_CHARS & set(entry):
     root = pathlib.Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), path.parts))
@@ -60,7 +83,7 @@ def expand_files(spec: str, kind: str) -> list[tuple[str, pathlib.Path]]:
     if not matched:
       raise ConfigError(f'{kind} source: no files match {entry!r}')
     for name, path in matched:
-      found.setdefault(path.resolve(), (name, path))
+      found.setdefault(path if paths.is_remote(path) else path.resolve(), (name, path))
   if not found:
     raise ConfigError(f'{kind} source: no path given')
   return sorted(found.values(), key=lambda item: str(item[1]))
@@ -138,7 +161,7 @@ def _scan_jsonl(path: pathlib.Path, field: str, strict: bool, settings: str):
   """Line numbers and byte offsets of the good lines, and (line, problem) of the bad ones."""
   numbers, offsets, bad = array.array('q'), array.array('q'), []
   offset = 0
-  with open(path, 'rb') as f:
+  with paths.resolve(path).open('rb') as f:
     for number, raw in enumerate(f, start=1):
       if raw.strip():
         problem, field_fixes = _jsonl_problem(raw, field)
@@ -181,7 +204,7 @@ class JsonlSource(_Documents):
     super().__init__(label, split, len(self._offsets))
 
   def _read(self, index: int) -> str:
-    with open(self._paths[self._file_ids[index]], 'rb') as f:
+    with paths.resolve(self._paths[self._file_ids[index]]).open('rb') as f:
       f.seek(int(self._offsets[index]))
       raw = f.readline()
     return json.loads(raw.decode('utf-8', errors='replace'))[self._field]
@@ -190,9 +213,8 @@ class JsonlSource(_Documents):
 def _parquet_rows(path: pathlib.Path, field: str, settings: str) -> list[int]:
   """Row counts of the row groups of ``path``, after checking it has a text column ``field``."""
   import pyarrow as pa
-  import pyarrow.parquet as pq
   try:
-    file = pq.ParquetFile(path)
+    file = _parquet_file(path)
   except (pa.ArrowException, OSError) as error:
     raise ConfigError(f'parquet {path}: {_first_line(error)}') from None
   schema = file.schema_arrow
@@ -209,8 +231,13 @@ def _parquet_rows(path: pathlib.Path, field: str, settings: str) -> list[int]:
 # A cache outside the sources keeps them picklable for grain's worker processes.
 @functools.lru_cache(maxsize=_ROW_GROUP_CACHE)
 def _row_group(path: str, group: int, field: str):
+  return _parquet_file(path).read_row_group(group, columns=[field]).column(0).combine_chunks()
+
+
+def _parquet_file(path):
+  """A pyarrow ParquetFile of a local path or a URL (read through epath)."""
   import pyarrow.parquet as pq
-  return pq.ParquetFile(path).read_row_group(group, columns=[field]).column(0).combine_chunks()
+  return pq.ParquetFile(paths.resolve(path).open('rb') if paths.is_remote(path) else path)
 
 
 class ParquetSource(_Documents):

@@ -6,9 +6,12 @@ version, which is why caches derived from it are keyed by the file list.
 """
 
 import hashlib
+import io
 import os
 import pathlib
 import sysconfig
+
+from moetrain import paths
 
 SPLITS = ('train', 'eval')
 
@@ -77,4 +80,5 @@ def read_text(path: pathlib.Path) -> str:
   never stops a run; stdlib sources are UTF-8, so neither changes them in
   practice.
   """
-  return pathlib.Path(path).read_text(encoding='utf-8', errors='replace')
+  with paths.resolve(path).open('rb') as f:  # local, or a URL such as gs://bucket/doc.txt
+    return io.TextIOWrapper(f, encoding='utf-8', errors='replace').read()

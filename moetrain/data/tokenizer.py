@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import sentencepiece as spm
 
+from moetrain import paths
 from moetrain.data import sources
 from moetrain.errors import ConfigError
 
@@ -119,10 +120,10 @@ def load_tokenizer(path: pathlib.Path) -> spm.SentencePieceProcessor:
   end-of-document ids differ from ``PAD_ID``/``EOS_ID``, which the pipeline
   writes and the loss masks by value.
   """
-  path = pathlib.Path(path)
+  path = paths.resolve(path)  # local, or a URL such as gs://bucket/tokenizer.model
   if not path.is_file():
     raise FileNotFoundError(f'tokenizer model not found: {path}')
-  processor = spm.SentencePieceProcessor(model_file=str(path))
+  processor = spm.SentencePieceProcessor(model_proto=path.read_bytes())
   if (processor.pad_id(), processor.eos_id()) != (PAD_ID, EOS_ID):
     raise ValueError(f'tokenizer {path} has pad_id={processor.pad_id()} and '
                      f'eos_id={processor.eos_id()}; moetrain needs pad_id={PAD_ID} and '
