@@ -1,7 +1,11 @@
-"""Checkpoints restore onto any mesh; non-finite steps are skipped, counted and stopped."""
+"""Checkpoints restore onto any mesh; non-finite steps are skipped, counted and stopped;
+reading a checkpoint logs no read-only notice."""
+
+import logging
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from moetrain import checkpoint
@@ -128,3 +132,19 @@ def test_isolated_non_finite_steps_are_counted_and_training_goes_on():
                                                             for b in pair]), [], recorder)
   assert summary['skipped_steps'] == 6 and int(state['step']) == 12
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state['params']))
+
+
+def test_reading_a_checkpoint_logs_no_read_only_notice(tmp_path, caplog):
+  config = small_config()
+  setup = make_setup(config, make_mesh(config, jax.devices()[:1]))
+  state = init_state(setup)
+  checkpoint.save_model(tmp_path / 'model', state['params'], state['buffers'], config)
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    ocp.CheckpointManager(checkpoint.directory(tmp_path / 'model'),
+                          options=ocp.CheckpointManagerOptions(read_only=True))
+  assert 'read only' in caplog.text  # what Orbax says, unfiltered
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    assert checkpoint.model_config(tmp_path / 'model').model.d_model == 32
+    checkpoint.manager(checkpoint.directory(tmp_path / 'model'), read_only=True)
+  assert 'read only' not in caplog.text

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from moetrain import train
+from moetrain.data import sources
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -42,6 +43,14 @@ def test_short_run_writes_metrics_and_tensorboard(tmp_path):
   assert any(p.name.startswith('events.out.tfevents') for p in workdir.iterdir())
   assert '--- sample ---' in result.stdout
   assert 'active per token' in result.stdout  # the startup summary
+  counts = [len(sources.stdlib_files(split)) for split in ('train', 'eval')]
+  assert (f"data: the Python standard library's .py files (the embedded corpus): "
+          f'{counts[0]:,} train documents, {counts[1]:,} eval documents') in result.stdout
+  assert 'tokenizer: sentencepiece, 8,000 pieces (trained on the train split' in result.stdout
+  # The final line's losses are those of logged steps, as metrics.jsonl holds them.
+  assert (f'loss {train[0]["loss"]:.3f} (step 2) → {train[-1]["loss"]:.3f} (step 4)'
+          in result.stdout)
+  assert "TensorBoard (pip install -e '.[tensorboard]')" in result.stdout
   # Step 2 was traced for TensorBoard's profile plugin.
   assert list((workdir / 'plugins' / 'profile').glob('*/*.xplane.pb'))
 
