@@ -21,12 +21,12 @@ def start(workdir, cache, *, sigint_ignored: bool):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              TF_CPP_MIN_LOG_LEVEL='2', MOETRAIN_CACHE=str(cache))
   # A cold cache: the run spends its first tens of seconds training its tokenizer in C++.
-  ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-  return subprocess.Popen(
-      [sys.executable, '-m', 'moetrain.train', '--config', str(REPO / 'configs/tiny.py'),
-       '--workdir', str(workdir), *SMALL, '--config.train.steps=5'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      preexec_fn=ignore)
+  command = [sys.executable, '-m', 'moetrain.train', '--config', str(REPO / 'configs/tiny.py'),
+             '--workdir', str(workdir), *SMALL, '--config.train.steps=5']
+  if sigint_ignored:  # as a non-interactive shell starts `command &`; exec keeps the pid
+    command = ['sh', '-c', 'trap "" INT; exec "$@"', 'sh', *command]
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize('sigint_ignored', [False, True], ids=['foreground', 'background'])
