@@ -58,7 +58,8 @@ class StartupGuard:
         return
       if not received:
         return
-      if self.armed:
+      # The wakeup fd hears every signal with a Python handler, not only these.
+      if self.armed and received[0] in SIGNALS:
         name = signal.Signals(received[0]).name
         stream = self.stream or sys.stderr
         stream.write(f'moetrain: {name} {self.armed}\n')

@@ -66,3 +66,16 @@ def test_a_training_run_does_not_import_torch(tmp_path):
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
   assert 'exit 0 torch imported: False' in result.stdout, result.stderr
+
+
+def test_other_signals_with_handlers_do_not_stop_start_up():
+  script = ('import os, signal, time\nfrom moetrain import interrupts\n'
+            'with interrupts.StartupGuard():\n'
+            '  signal.signal(signal.SIGUSR1, lambda *_: print("handled"))\n'
+            '  os.kill(os.getpid(), signal.SIGUSR1)\n'
+            '  time.sleep(0.5)\n'
+            '  print("still running")\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['handled', 'still', 'running']
