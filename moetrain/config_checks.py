@@ -16,6 +16,7 @@ ENUMS = {
     'model.moe.aux_loss': ('local', 'global', 'sequence', 'none'),
     'model.moe.drop_policy': ('position', 'priority'),
     'model.moe.dispatch': ('auto', 'capacity', 'einsum'),
+    'model.moe.exchange_dtype': ('', 'float8_e4m3fn'),
     'train.schedule': ('cosine', 'constant'),
     'train.remat': ('none', 'full', 'save_dots'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
@@ -26,6 +27,7 @@ POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
     'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps',
+    'model.moe.exchange_chunks',
     'train.batch_size', 'train.seq_len',
     'train.log_every', 'train.eval_batches', 'train.microbatches', 'train.keep_checkpoints',
     'train.max_nonfinite_steps',
@@ -40,6 +42,7 @@ NON_NEGATIVE = (
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
     'train.profile_steps', 'model.moe.capacity_factor', 'model.moe.eval_capacity_factor',
+    'model.moe.exchange_nodes',
 )
 
 

@@ -52,7 +52,7 @@ class MoE(nnx.Module):
         self.shared_gate = param(rngs, (d, 1), ('embed', None), config)
     self.moe = ml_collections.FrozenConfigDict(moe)  # hashable, so the graphdef is too
     self.dtype = jnp.dtype(config.dtype)
-    self.exchange = exchange.for_mesh(mesh)
+    self.exchange = exchange.for_mesh(mesh, moe)
 
   def __call__(self, x_BxLxD, mask_BxL, capacity_factor: float, *, train: bool = False,
                rng=None):
@@ -90,7 +90,8 @@ class MoE(nnx.Module):
                                          moe.min_capacity)
       tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
       y_GxTxD = pipeline.expert_choice(x_GxTxD, tokens_GxExC, gates_GxExC, weights,
-                                       backend=backend, exchange=self.exchange)
+                                       backend=backend, exchange=self.exchange,
+                                       chunks=moe.exchange_chunks)
       stats = routing_stats.expert_choice(probs_GxTxR=probs_GxTxR, logits_GxTxR=logits_GxTxR,
                                           tokens_GxExC=tokens_GxExC, gates_GxExC=gates_GxExC,
                                           mask_GxT=mask_GxT)
@@ -109,7 +110,8 @@ class MoE(nnx.Module):
                                           moe.min_capacity))
       y_GxTxD, kept_GxTxK = pipeline.token_choice(
           x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts,
-          capacity=capacity, backend=backend, priority_GxT=priority_GxT, exchange=self.exchange)
+          capacity=capacity, backend=backend, priority_GxT=priority_GxT, exchange=self.exchange,
+          chunks=moe.exchange_chunks)
       aux_loss = routing.load_balance_loss(probs_GxTxR, experts_GxTxK, mask_GxT,
                                            mode=moe.aux_loss, seq_len=l,
                                            num_null_experts=moe.num_null_experts)

@@ -25,8 +25,9 @@ from moetrain.parallel import sharding
 from moetrain.parallel.ragged_exchange import NATIVE_BACKENDS, ragged_exchange
 
 
-def for_mesh(mesh: Mesh | None):
-  """The exchange a model on `mesh` uses: `ExpertParallel` when it splits the experts."""
+def for_mesh(mesh: Mesh | None, moe_config=None):
+  """The exchange a model on `mesh` uses: `ExpertParallel` when it splits the experts.
+  `moe_config` (a model.moe section) picks how tokens travel (`exchange_*` fields)."""
   if mesh is None or mesh.shape.get('expert', 1) == 1:
     return LOCAL
   return ExpertParallel(mesh, native=mesh.devices.flat[0].platform in NATIVE_BACKENDS)

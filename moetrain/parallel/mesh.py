@@ -50,6 +50,17 @@ def check_layout(config, shape: tuple[int, ...]) -> None:
         f'train.batch_size={config.train.batch_size} (in dispatch groups of '
         f'model.moe.group_size={config.model.moe.group_size}) must divide evenly over '
         f'mesh data×fsdp×expert={batch_shards} devices')
+  chunks = config.model.moe.exchange_chunks
+  if groups // (microbatches * batch_shards) % chunks:
+    raise ConfigError(
+        f'model.moe.exchange_chunks={chunks} must divide the '
+        f'{groups // (microbatches * batch_shards)} dispatch groups each device holds per '
+        'microbatch (train.batch_size / model.moe.group_size / train.microbatches / '
+        'mesh data×fsdp×expert)')
+  nodes = config.model.moe.exchange_nodes
+  if nodes and sizes['expert'] % nodes:
+    raise ConfigError(f'model.moe.exchange_nodes={nodes} must divide mesh.expert='
+                      f'{sizes["expert"]}')
   experts = config.model.moe.num_experts
   if experts and experts % sizes['expert']:
     raise ConfigError(f'model.moe.num_experts={experts} must be divisible by '
