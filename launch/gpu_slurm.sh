@@ -7,8 +7,10 @@ PROG=launch/gpu_slurm.sh
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Lets XLA move collectives to overlap them with compute (JAX's GPU performance tips and
-# NVIDIA JAX-Toolbox, which sets it in its images).
+# NVIDIA JAX-Toolbox, which sets them in its images): with model.moe.exchange_chunks > 1 one
+# chunk's expert all-to-all runs on its own stream while another chunk's experts compute.
 GPU_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
+GPU_XLA_FLAGS+=" --xla_gpu_enable_highest_priority_async_stream=true"
 
 usage() {
   cat <<EOF

@@ -14,6 +14,9 @@ TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"
 TPU_FLAGS+=" --xla_tpu_enable_async_collective_fusion_multiple_steps=true"
 TPU_FLAGS+=" --xla_tpu_overlap_compute_collective_tc=true"
 TPU_FLAGS+=" --xla_enable_async_all_gather=true"
+# The expert exchange's all-to-alls run asynchronously, so with model.moe.exchange_chunks > 1
+# one chunk's exchange overlaps another chunk's expert matmuls.
+TPU_FLAGS+=" --xla_tpu_enable_async_all_to_all=true"
 
 usage() {
   cat <<EOF

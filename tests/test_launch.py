@@ -157,6 +157,7 @@ def test_tpu_pod_dry_run():
   assert '--upgrade' not in setup
   assert 'MOETRAIN_DISTRIBUTED=auto' in run
   assert 'LIBTPU_INIT_ARGS="--xla_tpu_enable_async_collective_fusion=true' in run
+  assert '--xla_tpu_enable_async_all_to_all=true' in run  # chunked expert exchange overlaps
   # Detached from the ssh session, its output in a log on each worker.
   log = re.search(r'setsid nohup \.venv/bin/python -m moetrain\.train --config configs/tiny\.py '
                   r'--workdir gs://bucket/runs/pod > (logs/train-[0-9-]+)\.log 2>&1 < /dev/null '
@@ -248,7 +249,8 @@ def test_gpu_slurm_dry_run():
   assert f"'jax[cuda12]=={pinned_jax()}' -e '.[gcs]'" in install[0]
   srun = [line for line in lines if line.startswith('srun ')]
   assert srun == ['srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto '
-                  'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true '
+                  'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true\\ '
+                  '--xla_gpu_enable_highest_priority_async_stream=true '
                   'TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m moetrain.train '
                   '--config configs/tiny.py --workdir runs/gpu']
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moetrain.models import pipeline, routing, routing_stats
+from moetrain.models import pipeline, routing, routing_stats, two_level
 from moetrain.models.layers import param
 from moetrain.models.mlp import MLP
 from moetrain.parallel import exchange, sharding
@@ -52,7 +52,7 @@ class MoE(nnx.Module):
         self.shared_gate = param(rngs, (d, 1), ('embed', None), config)
     self.moe = ml_collections.FrozenConfigDict(moe)  # hashable, so the graphdef is too
     self.dtype = jnp.dtype(config.dtype)
-    self.exchange = exchange.for_mesh(mesh, moe)
+    self.exchange = two_level.node_aware(exchange.for_mesh(mesh, moe), moe)
 
   def __call__(self, x_BxLxD, mask_BxL, capacity_factor: float, *, train: bool = False,
                rng=None):

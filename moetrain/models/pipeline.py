@@ -37,6 +37,11 @@ def token_choice(x_GxTxD: jax.Array, experts_GxTxK: jax.Array, gates_GxTxK: jax.
   `chunks` independent chunks (which must divide them), so that one chunk's exchange may
   overlap another's expert matmuls; the result does not depend on it.
   """
+  if capacity is not None and hasattr(exchange, 'token_choice'):
+    # A node-aware exchange plans each token's nodes before its experts (`models.two_level`).
+    return exchange.token_choice(x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, expert_weights,
+                                 num_experts=num_experts, capacity=capacity, backend=backend,
+                                 priority_GxT=priority_GxT, chunks=chunks)
   if capacity is None:
     per_device = functools.partial(_dropless, num_experts=num_experts, exchange=exchange,
                                    chunks=chunks)

@@ -10,27 +10,35 @@ pipeline, which calls it at two points: on the way to the experts and on the way
   experts on what arrives (FSDP shards gathered, hidden units split over 'tensor') and sends
   the results home. Capacity buffers travel by `all_to_all`; dropless rows by a ragged
   exchange that sends every owner exactly its experts' rows (`ragged_exchange`).
+  With `wire_dtype` float8_e4m3fn the tokens travel to the experts quantised (`fp8`: per-token
+  scales over blocks of 128 channels) and are dequantised on arrival; the results going home
+  and every gradient travel in the activation dtype (the quantisation passes gradients
+  straight through). On one device nothing travels, so `Local` has no wire dtype.
 
 Shape suffixes: G dispatch groups, E experts, C capacity, D model dim, L = E / P local experts
 on each of P expert ranks, M rows sent, R = P·M rows a rank can receive.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from moetrain.parallel import sharding
+from moetrain.errors import ConfigError
+from moetrain.parallel import fp8, sharding
 from moetrain.parallel.ragged_exchange import NATIVE_BACKENDS, ragged_exchange
 
 
 def for_mesh(mesh: Mesh | None, moe_config=None):
   """The exchange a model on `mesh` uses: `ExpertParallel` when it splits the experts.
-  `moe_config` (a model.moe section) picks how tokens travel (`exchange_*` fields)."""
+  `moe_config` (a model.moe section; None: the defaults) picks how tokens travel
+  (`exchange_*` fields); `exchange_dtype` has no effect on a mesh that does not split them."""
   if mesh is None or mesh.shape.get('expert', 1) == 1:
     return LOCAL
-  return ExpertParallel(mesh, native=mesh.devices.flat[0].platform in NATIVE_BACKENDS)
+  return ExpertParallel(mesh, native=mesh.devices.flat[0].platform in NATIVE_BACKENDS,
+                        wire_dtype=moe_config.exchange_dtype if moe_config is not None else '')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,41 @@ def _exclusive_cumsum(a, axis):
   return jnp.cumsum(a, axis=axis) - a
 
 
+def _tiled_all_to_all(x, plan, *, split_axis, concat_axis):
+  del plan  # buffers need none: every device sends every peer the same share
+  return jax.lax.all_to_all(x, 'expert', split_axis, concat_axis, tiled=True)
+
+
+_BUFFERS_OUT = functools.partial(_tiled_all_to_all, split_axis=1, concat_axis=0)
+_BUFFERS_HOME = functools.partial(_tiled_all_to_all, split_axis=0, concat_axis=1)
+
+
+def _ragged(rows_MxW, plan, *, num_out: int, native: bool):
+  """`ragged_exchange` of rows (any dtype, any width) into [num_out, W] zeros by `plan` =
+  (input offsets, send sizes, output offsets, receive sizes)."""
+  zeros_OxW = jnp.zeros((num_out, rows_MxW.shape[1]), rows_MxW.dtype)
+  return ragged_exchange(rows_MxW, zeros_OxW, *plan, 'expert', native=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fp8_dispatch(send, send_back, x_NxD, plan, back_plan):
+  """`send(x, plan)` with x quantised to float8 on the wire, dequantised to x's dtype on
+  arrival; its gradient is the cotangent sent home unquantised by `send_back(ct, back_plan)`,
+  the transpose of the exchange (straight through the quantisation)."""
+  return fp8.from_wire(send(fp8.to_wire(x_NxD), plan), x_NxD.shape[-1], x_NxD.dtype)
+
+
+def _fp8_dispatch_fwd(send, send_back, x_NxD, plan, back_plan):
+  return _fp8_dispatch(send, send_back, x_NxD, plan, back_plan), back_plan
+
+
+def _fp8_dispatch_bwd(send, send_back, back_plan, cotangent):
+  return send_back(cotangent, back_plan), None, None  # the plans are integers
+
+
+_fp8_dispatch.defvjp(_fp8_dispatch_fwd, _fp8_dispatch_bwd)
+
+
 def _gather_fsdp(w, axis: int):
   """The whole `axis` of an FSDP-sharded weight block (its gradient is reduce-scattered)."""
   if jax.lax.axis_size('fsdp') == 1:
@@ -80,16 +123,23 @@ def _gather_fsdp(w, axis: int):
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
   """Experts split over the mesh's 'expert' axis; `native` uses `ragged_all_to_all` (GPU,
-  TPU) rather than its dense emulation (XLA:CPU has no ragged_all_to_all)."""
+  TPU) rather than its dense emulation (XLA:CPU has no ragged_all_to_all); `wire_dtype`
+  carries the tokens to the experts in the activation dtype ('') or float8_e4m3fn."""
   mesh: Mesh
   native: bool = False
+  wire_dtype: str = ''
+
+  def __post_init__(self):
+    if self.wire_dtype not in ('', 'float8_e4m3fn'):
+      raise ConfigError(f"model.moe.exchange_dtype={self.wire_dtype!r}: expected '' or "
+                        'float8_e4m3fn')
 
   def run(self, fn, token_arrays, expert_weights):
     """`fn(token_arrays, expert_weights)` on every device's dispatch groups (the leading axis
     of each token array) and its blocks of (w_gate, w_up, w_down)."""
     batch = sharding.spec(self.mesh, 'batch')
-    weights_in = sharding.spec(self.mesh, *sharding.EXPERT_IN_AXES)
-    weights_out = sharding.spec(self.mesh, *sharding.EXPERT_OUT_AXES)
+    weights_in = sharding.manual_spec(self.mesh, *sharding.EXPERT_IN_AXES)
+    weights_out = sharding.manual_spec(self.mesh, *sharding.EXPERT_OUT_AXES)
     return jax.shard_map(fn, mesh=self.mesh,
                          in_specs=(batch, (weights_in, weights_in, weights_out)),
                          out_specs=batch)(token_arrays, expert_weights)
@@ -97,10 +147,19 @@ class ExpertParallel:
   def buffers_to_experts(self, x_GxExCxD):
     """This device's buffers for all E experts → the slots of its own L experts from every
     device's groups: [P·G, L, C, D]."""
-    return jax.lax.all_to_all(x_GxExCxD, 'expert', 1, 0, tiled=True)
+    return self._dispatch(_BUFFERS_OUT, _BUFFERS_HOME, x_GxExCxD, (), ())
 
   def buffers_from_experts(self, y_NxLxCxD):
-    return jax.lax.all_to_all(y_NxLxCxD, 'expert', 0, 1, tiled=True)
+    with jax.named_scope('combine'):
+      return _BUFFERS_HOME(y_NxLxCxD, ())
+
+  def _dispatch(self, send, send_back, x_NxD, plan, back_plan):
+    """`send(x, plan)` in the wire dtype; `send_back(y, back_plan)` is its inverse."""
+    # Named, so that profiles and compiled HLO tell the two directions apart.
+    with jax.named_scope('dispatch'):
+      if not self.wire_dtype:
+        return send(x_NxD, plan)
+      return _fp8_dispatch(send, send_back, x_NxD, plan, back_plan)
 
   def rows_to_experts(self, x_MxD, counts_E):
     """This device's rows sorted by expert (counts_E of each) → (the rows of its L experts
@@ -117,22 +176,23 @@ class ExpertParallel:
     expert_start_E = _exclusive_cumsum(totals_PxL, axis=1).reshape(num_experts)
     senders_before_PxE = _exclusive_cumsum(counts_PxE, axis=0)
     mine = lambda a_PxE: jax.lax.dynamic_slice_in_dim(a_PxE, me * num_local, num_local, axis=1)
-    received_RxD = ragged_exchange(
-        x_MxD, jnp.zeros((peers * x_MxD.shape[0], x_MxD.shape[1]), x_MxD.dtype),
-        _exclusive_cumsum(counts_E, 0), counts_E, expert_start_E + senders_before_PxE[me],
-        mine(counts_PxE).reshape(-1), 'expert', native=self.native)
+    plan = (_exclusive_cumsum(counts_E, 0), counts_E, expert_start_E + senders_before_PxE[me],
+            mine(counts_PxE).reshape(-1))
     # Slice s·L + l of the way back returns sender s's rows of my local expert l to where they
     # started in its sorted rows.
-    way_back = (mine(expert_start_E[None, :]) + mine(senders_before_PxE),
-                mine(counts_PxE), mine(_exclusive_cumsum(counts_PxE, axis=1)), counts_E,
-                x_MxD.shape[0])
-    return received_RxD, totals_PxL[me], way_back
+    back_plan = ((mine(expert_start_E[None, :]) + mine(senders_before_PxE)).reshape(-1),
+                 mine(counts_PxE).reshape(-1),
+                 mine(_exclusive_cumsum(counts_PxE, axis=1)).reshape(-1), counts_E)
+    num_rows = x_MxD.shape[0]
+    received_RxD = self._dispatch(
+        functools.partial(_ragged, num_out=peers * num_rows, native=self.native),
+        functools.partial(_ragged, num_out=num_rows, native=self.native), x_MxD, plan, back_plan)
+    return received_RxD, totals_PxL[me], (back_plan, num_rows)
 
   def rows_from_experts(self, y_RxD, way_back):
-    start_PxL, counts_PxL, offsets_PxL, counts_E, num_rows = way_back
-    return ragged_exchange(
-        y_RxD, jnp.zeros((num_rows, y_RxD.shape[1]), y_RxD.dtype), start_PxL.reshape(-1),
-        counts_PxL.reshape(-1), offsets_PxL.reshape(-1), counts_E, 'expert', native=self.native)
+    back_plan, num_rows = way_back
+    with jax.named_scope('combine'):
+      return _ragged(y_RxD, back_plan, num_out=num_rows, native=self.native)
 
   def expert_weights(self, w_gate_LxDxF, w_up_LxDxF, w_down_LxFxD):
     """This device's expert blocks with their FSDP-split model dimension gathered."""
@@ -140,5 +200,10 @@ class ExpertParallel:
             _gather_fsdp(w_down_LxFxD, 2))
 
   def sum_hidden(self, partial):
-    """Each 'tensor' rank holds a slice of the hidden units: their contributions add up."""
+    """Each 'tensor' rank holds a slice of the hidden units: their contributions add up.
+    Without a split there is nothing to sum, and no all-reduce: XLA would combine the no-op
+    all-reduces of every exchange chunk into one, making each chunk wait on all chunks'
+    experts."""
+    if jax.lax.axis_size('tensor') == 1:
+      return partial
     return jax.lax.psum(partial, 'tensor')

@@ -8,6 +8,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from moetrain.errors import ConfigError
+from moetrain.parallel import fp8
 
 AXES = ('data', 'fsdp', 'expert', 'tensor')
 # Expert-parallel ranks hold different data too, as in GShard and Switch.
@@ -95,6 +96,8 @@ def make_mesh(config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(config.mesh, len(devices))
   check_layout(config, shape)
+  if dict(zip(AXES, shape))['expert'] > 1:
+    fp8.check(config.model.moe.exchange_dtype, devices)
   axis_types = (AxisType.Auto,) * len(AXES)
   grid = slice_grid(shape, devices)
   if grid is None:

@@ -58,6 +58,17 @@ def spec(mesh, *logical_axes) -> PartitionSpec:
   return logical_to_spec(logical_axes, tuple(mesh.axis_names))
 
 
+def manual_spec(mesh, *logical_axes) -> PartitionSpec:
+  """`spec` for `jax.shard_map`, without the mesh axes of size 1: an array split one way is
+  whole on every device, and shard_map then knows it does not vary along them (so summing
+  over such an axis needs no all-reduce)."""
+  def kept(entry):
+    axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ())
+                 if mesh.shape[a] > 1)
+    return axes[0] if len(axes) == 1 else (axes or None)
+  return PartitionSpec(*(kept(entry) for entry in spec(mesh, *logical_axes)))
+
+
 def shards(mesh, *logical_axes) -> int:
   """Into how many pieces `mesh` splits an array along these logical axes together (1 without
   a mesh)."""

@@ -1,0 +1,104 @@
+"""model.moe.exchange_chunks: the expert exchange in independent chunks gives the results of one
+exchange, and in the compiled step no chunk's exchange waits on another chunk's experts."""
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from moetrain import config as config_lib
+from moetrain import hlo_stats
+from moetrain.errors import ConfigError
+from moetrain.parallel.mesh import make_mesh
+from moetrain.state import init_state, make_setup
+from moetrain.steps import make_eval_step
+from tests.steps import first_gradients, random_batch
+
+# Three expert-parallel layouts of 8 devices (data, fsdp, expert, tensor).
+MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (1, 2, 2, 2)]
+
+
+def chunk_config(mesh, chunks, capacity_factor, num_layers=1):
+  data, fsdp, expert, tensor = mesh
+  return config_lib.load('configs/tiny.py', [
+      '--config.model.vocab_size=128', '--config.model.d_model=32', '--config.model.d_ff=64',
+      f'--config.model.num_layers={num_layers}', '--config.model.max_seq_len=16',
+      '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
+      '--config.model.moe.num_experts=8',
+      f'--config.model.moe.capacity_factor={capacity_factor}',
+      f'--config.model.moe.eval_capacity_factor={capacity_factor}',
+      f'--config.model.moe.exchange_chunks={chunks}',
+      '--config.train.batch_size=32', '--config.train.seq_len=16',
+      f'--config.mesh.data={data}', f'--config.mesh.fsdp={fsdp}',
+      f'--config.mesh.expert={expert}', f'--config.mesh.tensor={tensor}'])
+
+
+@functools.cache
+def step_one(mesh, chunks, capacity_factor):
+  config = chunk_config(mesh, chunks, capacity_factor)
+  (grads, metrics, _), _ = first_gradients(config, jax.devices()[:8], random_batch(config))
+  return grads, metrics
+
+
+@pytest.mark.parametrize('capacity_factor', [1.0, 0.0], ids=['capacity', 'dropless'])
+@pytest.mark.parametrize('chunks', [2, 4])
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_chunked_exchange_equals_one_exchange(mesh, chunks, capacity_factor):
+  grads, metrics = step_one(mesh, chunks, capacity_factor)
+  one_grads, one = step_one(mesh, 1, capacity_factor)
+  if capacity_factor:
+    assert one['dropped_fraction'].max() > 0  # capacity dropping is on
+  for key in ('loss', 'aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction'):
+    np.testing.assert_allclose(metrics[key], one[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads, one_grads)
+
+
+def forward_hlo(chunks):
+  """The optimised HLO of one MoE layer's forward (an eval step) on 4 expert ranks."""
+  config = chunk_config((1, 1, 4, 1), chunks, 1.0)
+  setup = make_setup(config, make_mesh(config, jax.devices()[:4]))
+  state = jax.eval_shape(lambda: init_state(setup))
+  batch = jax.ShapeDtypeStruct((32, 16), np.int32, sharding=setup.batch_sharding)
+  return make_eval_step(setup).lower(
+      state['params'], state['buffers'], {'inputs': batch, 'targets': batch}).compile().as_text()
+
+
+def exchange_upstream(hlo_text: str) -> dict[str, set[str]]:
+  """For every all-to-all of the expert exchange (those of the shard_map; GSPMD adds others to
+  reshard attention), the exchange all-to-alls its operands come from."""
+  exchanges = set(re.findall(r'%(all-to-all[\w.\-]*) = .*op_name="[^"]*shard_map/all_to_all',
+                             hlo_text))
+  computations, entry, _ = hlo_stats.parse(hlo_text)
+  producers = {i.name: i for i in computations[entry].instructions}
+  found = {}
+
+  def upstream(name):
+    if name not in found:
+      found[name] = set()
+      for operand in producers[name].operands if name in producers else ():
+        found[name] |= upstream(operand) | ({operand} & exchanges)
+    return found[name]
+
+  return {name: upstream(name) for name in exchanges}
+
+
+@pytest.mark.parametrize('chunks', [1, 4])
+def test_no_chunk_exchange_waits_on_another_chunks_experts(chunks):
+  upstream = exchange_upstream(forward_hlo(chunks))
+  # Each chunk's dispatch (no all-to-all before it) and its combine (after its dispatch alone).
+  dispatches = {name for name, before in upstream.items() if not before}
+  combines = {name: before for name, before in upstream.items() if before}
+  assert len(dispatches) == chunks and len(combines) == chunks, upstream
+  for before in combines.values():
+    assert len(before) == 1 and before <= dispatches, upstream
+  # Every chunk's experts sit between its own dispatch and combine, so a dispatch with no
+  # all-to-all upstream depends on no chunk's expert matmul.
+
+
+def test_chunks_that_do_not_divide_the_groups_are_refused():
+  config = chunk_config((1, 1, 8, 1), 3, 1.0)
+  with pytest.raises(ConfigError, match=r'model.moe.exchange_chunks=3 must divide the 4 '):
+    make_mesh(config, jax.devices()[:8])
