@@ -102,3 +102,10 @@ def test_chunks_that_do_not_divide_the_groups_are_refused():
   config = chunk_config((1, 1, 8, 1), 3, 1.0)
   with pytest.raises(ConfigError, match=r'model.moe.exchange_chunks=3 must divide the 4 '):
     make_mesh(config, jax.devices()[:8])
+
+
+def test_a_node_count_that_does_not_divide_the_expert_axis_is_refused():
+  config = config_lib.load('configs/tiny.py', ['--config.mesh.expert=8',
+                                               '--config.model.moe.exchange_nodes=3'])
+  with pytest.raises(ConfigError, match=r'model.moe.exchange_nodes=3 must divide mesh.expert=8'):
+    make_mesh(config, jax.devices()[:8])
