@@ -107,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.dispatch = 'auto'  # builds capacity buffers: auto | capacity (gathers) | einsum (one-hot)
   # Expert parallelism: each device's dispatch groups go to the experts' owners in chunks, so
   # one chunk's exchange can overlap another's expert matmuls.
-  e.exchange_chunks = 1  # chunks per device and microbatch (must divide its dispatch groups)
+  e.exchange_chunks = 1  # per device and microbatch (divides its groups; 0: the cost model's)
   e.exchange_dtype = ''  # tokens on the wire to the experts: '' (model.dtype) | float8_e4m3fn
   e.exchange_nodes = 0  # nodes the expert axis spans (two-level exchange); 0: from the devices
   e.layer_interval = 1  # every n-th block after the dense ones is an MoE block

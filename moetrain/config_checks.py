@@ -27,7 +27,6 @@ POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
     'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps',
-    'model.moe.exchange_chunks',
     'train.batch_size', 'train.seq_len',
     'train.log_every', 'train.eval_batches', 'train.microbatches', 'train.keep_checkpoints',
     'train.max_nonfinite_steps',
@@ -42,7 +41,7 @@ NON_NEGATIVE = (
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
     'train.profile_steps', 'model.moe.capacity_factor', 'model.moe.eval_capacity_factor',
-    'model.moe.exchange_nodes',
+    'model.moe.exchange_nodes', 'model.moe.exchange_chunks',
 )
 
 

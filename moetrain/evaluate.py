@@ -46,6 +46,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   from moetrain import checkpoint, trainer
   from moetrain.data.inputs import fixed_batches, load_tokenizer
   from moetrain.data.tokenizer import PAD_ID
+  from moetrain import cost_model
   from moetrain.parallel.mesh import make_mesh
   from moetrain.state import abstract_state, make_setup
   from moetrain.steps import make_eval_step
@@ -55,6 +56,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   if not any(flag.startswith(f'--config.{_EVAL_CAPACITY}=') for flag in overrides):
     config.model.moe.eval_capacity_factor = 0.0
   mesh = make_mesh(config)
+  cost_model.resolve_exchange_chunks(config, mesh)
   setup = make_setup(config, mesh)
   tokenizer = load_tokenizer(config)
   batches = fixed_batches(config, tokenizer, split, num_batches or config.train.eval_batches,

@@ -5,7 +5,8 @@ XLA's `cost_analysis()` counts the body of a while loop once, so a scanned 58-la
 reports one layer. This module reads the optimized HLO text instead: each computation's dot
 FLOPs, the bytes its top-level instructions read and write, and its collectives, multiplied by
 how many times the computation runs (the product of the `known_trip_count`s of the loops
-around it).
+around it). Each collective keeps its replica groups (the devices it spans) and the JAX
+operation it came from, so its bytes can be split by the links they cross (`link_bytes`).
 """
 
 import collections
@@ -41,11 +42,21 @@ class Collective:
   kind: str
   dtype: str  # element type of the (first) array it moves
   result_bytes: int  # per device, the op's result
-  groups: list[list[int]]  # device ids of each replica group
+  groups: list[list[int]]  # device ids of each replica group (a permute's source-target pairs)
+  op_name: str = ''  # the JAX operation it lowers, from its metadata ('…/shard_map/all_to_all')
 
   @property
   def group_size(self) -> int:
     return len(self.groups[0]) if self.groups else 1
+
+  @property
+  def devices(self) -> list[int]:
+    """Every device id it spans, all groups together."""
+    return sorted({device for group in self.groups for device in group})
+
+  def nodes(self, node_of) -> int:
+    """The most nodes one of its groups spans; `node_of[device]` is the node of a device id."""
+    return max((len({node_of[device] for device in group}) for group in self.groups), default=1)
 
   def bytes_sent(self, width_scale: float = 1.0) -> float:
     """Bytes one device sends (ring algorithms; its own share of the data not counted)."""
@@ -53,6 +64,22 @@ class Collective:
     return {'all-to-all': size * (n - 1) / n, 'all-gather': size * (n - 1) / n,
             'reduce-scatter': size * (n - 1), 'all-reduce': 2 * size * (n - 1) / n,
             'collective-permute': size}[self.kind]
+
+  def link_bytes(self, node_of, width_scale: float = 1.0) -> dict[str, float]:
+    """`bytes_sent` split into what stays inside the sender's node ('intra') and what crosses
+    to other nodes ('inter'). An all-to-all sends every peer its share directly, so the split
+    follows where the peers sit (for the device with the most peers off its node, which the
+    others wait for); a ring whose group leaves a node runs at the pace of its hops between
+    nodes, so all its bytes count as inter-node."""
+    sent = self.bytes_sent(width_scale)
+    if self.nodes(node_of) == 1:
+      return {'intra': sent, 'inter': 0.0}
+    if self.kind != 'all-to-all':
+      return {'intra': 0.0, 'inter': sent}
+    off_node = max(sum(node_of[peer] != node_of[device] for peer in group)
+                   for group in self.groups for device in group)
+    inter = sent * off_node / (self.group_size - 1)
+    return {'intra': sent - inter, 'inter': inter}
 
 
 @dataclasses.dataclass
@@ -98,6 +125,12 @@ def replica_groups(attributes: str) -> list[list[int]]:
   return []
 
 
+def _source_target_pairs(attributes: str) -> list[list[int]]:
+  listed = re.search(r'source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}', attributes)
+  return [[int(i) for i in pair.split(',')]
+          for pair in re.findall(r'\{([0-9,]+)\}', listed.group(1))] if listed else []
+
+
 def _dot_flops(result: str, operands: str, attributes: str, shapes: dict) -> float:
   (_, out_dims), = _arrays(result)
   lhs = re.match(r'\s*%?([\w.\-]+)', operands).group(1)
@@ -137,8 +170,11 @@ def parse(hlo_text: str) -> tuple[dict[str, Computation], str, dict]:
     current.instructions.append(Instruction(name, opcode, re.findall(r'%([\w.\-]+)', operands),
                                             result_arrays, fusion and fusion.group(1)))
     if opcode in COLLECTIVES:
-      current.collectives.append(Collective(opcode, result_arrays[0][0], _bytes(result_arrays),
-                                            replica_groups(attributes)))
+      op_name = re.search(r'op_name="([^"]*)"', attributes)
+      current.collectives.append(Collective(
+          opcode, result_arrays[0][0], _bytes(result_arrays),
+          replica_groups(attributes) or _source_target_pairs(attributes),
+          op_name.group(1) if op_name else ''))
     trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attributes)
     for key, callee in re.findall(r'\b(body|condition|calls|to_apply|branch_computations)='
                                   r'\{?%([\w.\-]+)', attributes):

@@ -30,13 +30,19 @@ def test_train_mode_reports_compile_step_and_tokens_per_second(tmp_path):
   assert report['mfu'] is None and 'MFU              n/a' in result.stdout  # CPU: no peak
 
 
-def test_model_mode_compiles_for_a_mesh_of_stand_in_devices(tmp_path):
-  """The tool restarts itself with the CPU devices the mesh needs."""
-  out = tmp_path / 'model.json'
+@pytest.fixture(scope='module')
+def model_mode(tmp_path_factory):
+  """(stdout, JSON report) of the model mode for 4 expert ranks of a tiny model."""
+  out = tmp_path_factory.mktemp('model') / 'model.json'
   result = benchmark('model', '--config', 'configs/tiny.py', '--mesh', 'data=1,expert=4',
                      '--json', str(out), *TINY)
   assert result.returncode == 0, result.stderr
-  report = json.loads(out.read_text())
+  return result, json.loads(out.read_text())
+
+
+def test_model_mode_compiles_for_a_mesh_of_stand_in_devices(model_mode):
+  """The tool restarts itself with the CPU devices the mesh needs."""
+  result, report = model_mode
   assert report['devices'] == 4 and report['mesh']['expert'] == 4
   assert report['flops'] * 4 == pytest.approx(report['hand_flops']['hardware'], rel=0.1)
   assert report['collective_groups']['all-to-all'] == 4
@@ -44,6 +50,32 @@ def test_model_mode_compiles_for_a_mesh_of_stand_in_devices(tmp_path):
                                                          'Google TPU v5p']
   assert all(0 < row['mfu'] < 1 for row in report['roofline'])
   assert 'all-to-all' in result.stdout and 'TPU v5p' in result.stdout
+
+
+def test_model_mode_reports_links_and_each_way_to_run_the_exchange(model_mode):
+  """Bytes per link class and exposed communication, flat and each variant, per chip."""
+  result, report = model_mode
+  for row in report['roofline']:
+    assert row['exposed_comm_s'] == pytest.approx(
+        row['exchange']['exposed_s'] + sum(s for role, s in row['collective_s'].items()
+                                           if role != 'exchange'))
+    assert row['link_bytes']['inter'] == 0  # 4 devices: one node, one slice
+  for chip, links in (('h100', ('NVLink GiB', 'InfiniBand GiB')), ('tpu-v5p', ('ICI GiB',
+                                                                               'DCN GiB'))):
+    variants = report['exchange_variants'][chip]
+    assert [v['variant'] for v in variants] == ['flat', 'overlapped', 'two-level', 'fp8',
+                                                'combined']
+    flat, overlapped, two_level, fp8, combined = variants
+    assert flat['chunks'] == 1 and overlapped['chunks'] in (1, 2)  # 2 sequences per device
+    assert overlapped['exposed_s'] <= flat['exposed_s']
+    assert two_level == {**flat, 'variant': 'two-level'}  # nothing leaves the node
+    # tiny.py's activations are float32: FP8 sends about a quarter of the forward dispatch.
+    assert fp8['bytes']['intra'] < flat['bytes']['intra'] * 0.85
+    assert combined['exposed_comm_s'] < flat['exposed_comm_s']
+    assert all(header in result.stdout for header in links)
+  assert 'exposed s' in result.stdout and 'the expert exchange spans 1 node(s)' in result.stdout
+  assert all(f'  {name} ' in result.stdout for name in ('flat', 'overlapped', 'two-level', 'fp8',
+                                                        'combined'))
 
 
 @pytest.mark.parametrize('args, message', [

@@ -4,13 +4,17 @@ The bench configs shrunk to CPU size keep their structure (E8 top-2; E64 top-8 w
 expert; bf16; scanned layers, so the loop-trip corrections are exercised).
 """
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import cost_model, hardware
+from moetrain import cost_model, hardware, hlo_stats
+from moetrain.parallel.mesh import make_mesh
 
 SMALL = ['--config.model.d_model=256', '--config.model.num_heads=4',
          '--config.model.num_kv_heads=4', '--config.model.num_layers=3',
@@ -55,6 +59,10 @@ def test_all_to_all_bytes_equal_the_analytic_volume(name, mesh):
                                          expert_parallel=int(axes['expert']), batch_shards=8)
   assert step.collective_groups['all-to-all'] == int(axes['expert'])
   assert step.collective_bytes['all-to-all'] == pytest.approx(analytic, rel=0.10)
+  # The MoE layers' own all-to-alls (GSPMD adds small ones elsewhere), on one node of 8.
+  exchange = step.link_bytes[8]['exchange']
+  assert exchange['inter'] == 0 and exchange['intra'] == pytest.approx(analytic, rel=0.10)
+  assert step.exchange.mesh['expert'] == int(axes['expert'])
 
 
 def test_memory_per_device_shrinks_with_fsdp_and_expert_sharding():
@@ -71,24 +79,188 @@ def test_memory_per_device_shrinks_with_fsdp_and_expert_sharding():
     assert sharded.estimated_memory['total'] < alone.estimated_memory['total'] / 2
 
 
+def _step(flops, link_bytes, exchange=None, memory=None):
+  memory = memory or {'params': 0.0, 'optimizer': 0.0, 'activations': 0.0, 'total': 0.0}
+  return cost_model.StepCost(
+      devices=8, mesh={}, tokens=1000, compile_seconds=0.0, xla_flops=0.0, flops=flops,
+      xla_bytes_accessed=0.0, bytes_accessed=0.0, collective_bytes={}, collective_groups={},
+      link_bytes=link_bytes, exchange=exchange, xla_memory={}, estimated_memory=memory)
+
+
 def test_roofline_of_a_compute_bound_step():
   chip = hardware.CHIPS['h100']
-  step = cost_model.StepCost(
-      devices=8, mesh={}, tokens=1000, compile_seconds=0.0, xla_flops=0.0,
-      flops=chip.peak_flops, xla_bytes_accessed=0.0, bytes_accessed=0.0,
-      collective_bytes={'all-to-all': chip.link_bandwidth / 4},
-      collective_groups={'all-to-all': 8},
-      collectives_in_domain={'all-to-all': {8: True}}, xla_memory={},
-      estimated_memory={'params': 1e9, 'optimizer': 2e9, 'activations': 1e9, 'total': 4e9})
+  sent = chip.link_bandwidth / 4
+  step = _step(chip.peak_flops, {8: {'all-gather': {'intra': sent, 'inter': 0.0}}},
+               memory={'params': 1e9, 'optimizer': 2e9, 'activations': 1e9, 'total': 4e9})
   row = cost_model.roofline(step, model_flops=4 * chip.peak_flops, chip=chip)
-  assert row['compute_s'] == 1.0 and row['collective_s'] == {'all-to-all': 0.25}
+  assert row['compute_s'] == 1.0 and row['collective_s'] == {'all-gather': 0.25}
   assert row['memory_s'] == pytest.approx(12e9 / chip.hbm_bandwidth)
   assert row['step_s'] == 1.25 and row['overlapped_step_s'] == 1.0
+  assert row['exposed_comm_s'] == 0.25 and row['exchange'] is None
   assert row['mfu'] == pytest.approx(4 / (8 * 1.25))
   assert row['fits']
-  step.collectives_in_domain['all-to-all'][8] = False  # across nodes: the slower network
-  assert cost_model.roofline(step, 1.0, chip)['collective_s']['all-to-all'] == pytest.approx(
+  step.link_bytes[8]['all-gather'] = {'intra': 0.0, 'inter': sent}  # across nodes: the network
+  assert cost_model.roofline(step, 1.0, chip)['collective_s']['all-gather'] == pytest.approx(
       chip.link_bandwidth / 4 / chip.network_bandwidth)
+
+
+@pytest.mark.parametrize('dispatch, compute, combine, chunks, latency, seconds', [
+    (1, 4, 1, 1, 0, 6),  # one chunk: nothing overlaps
+    (1, 4, 1, 4, 0, 4.5),  # the experts cover all but one chunk's way in and out
+    (2, 1, 2, 4, 0, 4),  # the link is busy throughout
+    (0.5, 4, 1, 4, 0, 4.375),  # FP8 dispatch: the first (short) dispatch and the last combine
+    (1, 4, 1, 4, 0.1, 4.7),  # every chunk's exchanges pay the latency
+])
+def test_chunk_pipeline_by_hand(dispatch, compute, combine, chunks, latency, seconds):
+  assert cost_model.chunk_pipeline(dispatch, compute, combine, chunks, latency) == (
+      pytest.approx(seconds))
+
+
+def _dispatch_first(u, v, w, n):
+  """Event by event: every dispatch back to back, each chunk's experts once its dispatch has
+  landed and the previous chunk's are done, each combine once the link is free, its experts are
+  done and every dispatch has gone."""
+  experts_done = combine_done = 0.0
+  for i in range(1, n + 1):
+    experts_done = max(i * u, experts_done) + v
+    combine_done = max(combine_done, experts_done, n * u) + w
+  return combine_done
+
+
+def test_chunk_pipeline_is_the_dispatch_first_schedule():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    dispatch, compute, combine, latency = rng.exponential(1.0, 4) * [1, 1, 1, 0.1]
+    chunks = int(rng.integers(1, 9))
+    u, v, w = dispatch / chunks + latency, compute / chunks, combine / chunks + latency
+    modelled = cost_model.chunk_pipeline(dispatch, compute, combine, chunks, latency)
+    assert modelled == pytest.approx(_dispatch_first(u, v, w, chunks))
+    assert modelled >= max(dispatch + combine, compute)  # never beats either resource alone
+    if dispatch == combine and not latency:
+      exposed = max(2 * dispatch / chunks, 2 * dispatch - compute)  # the docstring's form
+      assert modelled - compute == pytest.approx(exposed)
+
+
+def test_exposed_exchange_with_equal_ways_in_and_out():
+  for a, c in ((1, 4), (2, 1), (1, 1.5), (3, 3)):
+    for n in (1, 2, 3, 8):
+      exposed = cost_model.chunk_pipeline(a, c, a, n) - c
+      assert exposed == pytest.approx(max(2 * a / n, 2 * a - c))
+
+
+def _exchange(**fields):
+  shape = dict(mesh={'data': 1, 'fsdp': 1, 'expert': 8, 'tensor': 1}, dispatch_groups=4,
+               chunks=1, fp8=False, two_level=False, node_aware=True, pipelines=1,
+               forward_passes=1,
+               expert_flops=4.0, width=2, top_k=2, num_experts=8, num_groups=2, topk_groups=1)
+  return cost_model.Exchange(**{**shape, **fields})
+
+
+@pytest.mark.parametrize('num_experts, top_k, nodes, num_groups, topk_groups, expected', [
+    (8, 2, 2, 1, 1, 2 * (1 - 6 / 28)),  # 2 of 8 experts, 4 per node: C(4,2) / C(8,2) miss one
+    (8, 2, 4, 4, 2, 2 * (1 - 1 / 6)),  # 2 reachable nodes of 2 experts each
+    (8, 2, 4, 2, 1, 2 * (1 - 1 / 6)),  # one group, spread over 2 nodes
+    (8, 2, 2, 2, 1, 1.0),  # groups are nodes, one kept
+    (8, 1, 4, 1, 1, 1.0),
+])
+def test_destination_nodes_by_hand(num_experts, top_k, nodes, num_groups, topk_groups,
+                                   expected):
+  exchange = _exchange(num_experts=num_experts, top_k=top_k, num_groups=num_groups,
+                       topk_groups=topk_groups)
+  assert cost_model.destination_nodes(exchange, nodes) == pytest.approx(expected)
+
+
+def test_fp8_sends_a_byte_per_channel_and_a_float32_scale_per_128():
+  assert cost_model.fp8_ratio(2) == 0.515625
+  assert cost_model.fp8_ratio(4) == 0.515625 / 2
+
+
+X = 2.0**20
+# Two nodes of four devices; a link class's bytes of one all-to-all take a known time: X·3/4
+# inside a node at 1.5·X/s is 0.5 s, X across at 0.5·X/s is 2 s. The experts take 4 s forward.
+CHIP = dataclasses.replace(hardware.CHIPS['h100'], node_size=4, link_bandwidth=1.5 * X,
+                           network_bandwidth=0.5 * X, link_latency=0.0, network_latency=0.0,
+                           peak_flops=1.0)
+FLAT = {'intra': 3 * X, 'inter': 4 * X}  # an 8-way exchange: 3 peers near, 4 far; 4 passes
+
+
+@pytest.mark.parametrize('variant, chunks, intra, inter, exposed', [
+    # 2 s in and out forward (experts 4 s) and backward (experts 8 s): nothing hidden.
+    (cost_model.Variant('flat'), 1, 3 * X, 4 * X, 8.0),
+    # 4 chunks: one chunk's way in and out (1 s) per pass.
+    (cost_model.Variant('overlapped', chunks=0), 4, 3 * X, 4 * X, 2.0),
+    # One copy per token and node (groups are the nodes, one kept): half the far bytes; every
+    # copy fans out inside the node (8X buffer · 3/4): 1 s each way on either link.
+    (cost_model.Variant('two-level', two_level=True), 1, 6 * X, 2 * X, 4.0),
+    # The forward dispatch (one all-to-all of four) at 0.515625 of the bytes.
+    (cost_model.Variant('fp8', fp8=True), 1, 3 * X * 0.87890625, 4 * X * 0.87890625, 7.03125),
+    # Two levels and 4 chunks: 0.5 s per pass. The two-level rows travel in bf16: no FP8.
+    (cost_model.Variant('combined', 0, fp8=True, two_level=True), 4, 6 * X, 2 * X, 1.0),
+])
+def test_exchange_variants_by_hand(variant, chunks, intra, inter, exposed):
+  row = cost_model.exchange_cost(_exchange(), FLAT, CHIP, variant)
+  assert row['chunks'] == chunks and row['nodes'] == 2
+  assert row['bytes'] == {'intra': pytest.approx(intra), 'inter': pytest.approx(inter)}
+  assert row['exposed_s'] == pytest.approx(exposed)
+
+
+def test_two_levels_only_where_the_exchange_runs_them():
+  both = cost_model.Variant('combined', 1, fp8=True, two_level=True)
+  fp8 = cost_model.exchange_cost(_exchange(), FLAT, CHIP, cost_model.Variant('fp8', fp8=True))
+  # Dropless rows and expert choice stay flat, FP8 included.
+  dropless = cost_model.exchange_cost(_exchange(node_aware=False), FLAT, CHIP, both)
+  assert dropless['bytes'] == fp8['bytes'] and dropless['exposed_s'] == fp8['exposed_s']
+  # On one node there is no second level, and FP8 applies.
+  one_node, inside = dataclasses.replace(CHIP, node_size=8), {'intra': 7 * X, 'inter': 0.0}
+  combined = cost_model.exchange_cost(_exchange(), inside, one_node, both)
+  assert combined['nodes'] == 1
+  assert combined['bytes'] == {'intra': pytest.approx(7 * X * 0.87890625), 'inter': 0.0}
+
+
+def test_a_step_reports_its_exchange_and_exposed_communication():
+  # 1 s of all-gather across nodes, not overlapped, and the exchange above.
+  links = {4: {'exchange': FLAT, 'all-gather': {'intra': 0.0, 'inter': 0.5 * X}}}
+  step = _step(10.0, links, _exchange())
+  row = cost_model.roofline(step, 1.0, CHIP)
+  assert row['collective_s'] == {'all-gather': 1.0, 'exchange': 8.0}
+  assert row['link_bytes'] == {'intra': 3 * X, 'inter': 4.5 * X}
+  assert row['exposed_comm_s'] == 9.0 and row['step_s'] == 19.0
+  variants = cost_model.exchange_variants(step, CHIP)
+  assert [v['variant'] for v in variants] == ['flat', 'overlapped', 'two-level', 'fp8',
+                                              'combined']
+  assert [v['exposed_comm_s'] for v in variants] == pytest.approx([9, 3, 5, 8.03125, 2])
+  assert [v['step_s'] for v in variants] == pytest.approx([19, 13, 15, 18.03125, 12])
+  configured = cost_model.roofline(
+      _step(10.0, links, _exchange(chunks=2, two_level=True)), 1.0, CHIP)['exchange']
+  assert configured['variant'] == 'as configured' and configured['chunks'] == 2
+
+
+def test_exchange_groups_are_those_the_compiled_exchange_uses():
+  for mesh in ('expert=4 data=2', 'expert=4 tensor=2', 'expert=2 fsdp=2 tensor=2'):
+    overrides = dict(item.split('=') for item in mesh.split())
+    config = small_config('e8k2', *(f'--config.mesh.{axis}={overrides.get(axis, 1)}'
+                                    for axis in ('data', 'fsdp', 'expert', 'tensor')))
+    mesh = make_mesh(config, jax.devices()[:8])
+    spec = jax.sharding.PartitionSpec(('data', 'fsdp', 'expert', 'tensor'))
+    f = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x, 'expert', 0, 0, tiled=True),
+                              mesh=mesh, in_specs=spec, out_specs=spec))
+    x = jax.ShapeDtypeStruct((64, 4), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, spec))
+    (compiled, _), = hlo_stats.module_stats(f.lower(x).compile().as_text()).collectives
+    assert cost_model.exchange_shape(config, dict(mesh.shape)).groups == compiled.groups
+
+
+def test_best_exchange_chunks():
+  config = config_lib.load('configs/mixtral_8x7b.py', ['--config.train.batch_size=64'])
+  mesh = {'data': 1, 'fsdp': 1, 'expert': 8, 'tensor': 1}  # 8 sequences per device
+  h100 = hardware.CHIPS['h100']
+  assert cost_model.best_exchange_chunks(config, mesh, None) == 1  # a CPU: no figures
+  assert cost_model.best_exchange_chunks(config, {**mesh, 'expert': 1, 'data': 8}, h100) == 1
+  # Mixtral's experts take ~10× a layer's exchange on NVLink: the more chunks, the less
+  # exposed, up to one per sequence, where a chunk's latency is still small.
+  assert cost_model.best_exchange_chunks(config, mesh, h100) == 8
+  # A latency as long as a chunk's exchange makes a few chunks best.
+  slow = dataclasses.replace(h100, link_latency=2e-3)
+  assert 1 < cost_model.best_exchange_chunks(config, mesh, slow) < 8
 
 
 @pytest.mark.parametrize('kind, chip', [('NVIDIA H100 80GB HBM3', 'h100'),
@@ -96,3 +268,14 @@ def test_roofline_of_a_compute_bound_step():
                                         ('TPU v5 lite', 'tpu-v5e'), ('cpu', None)])
 def test_device_kinds_name_their_chip(kind, chip):
   assert hardware.chip_for_device(kind) == (hardware.CHIPS[chip] if chip else None)
+
+
+def test_auto_exchange_chunks_resolve_before_the_model_is_built():
+  config = config_lib.load('configs/tiny.py', ['--config.mesh.expert=4',
+                                               '--config.model.moe.exchange_chunks=0'])
+  mesh = make_mesh(config, jax.devices()[:4])
+  cost_model.resolve_exchange_chunks(config, mesh)
+  assert config.model.moe.exchange_chunks == 1  # no known chip here: nothing to overlap
+  config.model.moe.exchange_chunks = 2
+  cost_model.resolve_exchange_chunks(config, mesh)
+  assert config.model.moe.exchange_chunks == 2  # a set count stays

@@ -89,3 +89,66 @@ def test_collectives_inside_a_loop_count_per_trip():
   assert times == TRIPS and collective.group_size == 4
   assert times * collective.bytes_sent() == TRIPS * 16 * 8 * 4 * 3 / 4
   assert np.all([sorted(g) == g for g in collective.groups])
+
+
+NODES = np.arange(8) // 4  # two nodes of four devices
+
+
+@pytest.mark.parametrize('kind, groups, links', [
+    ('all-to-all', [[0, 1, 2, 3], [4, 5, 6, 7]], {'intra': 600, 'inter': 0}),
+    ('all-to-all', [[0, 4], [1, 5], [2, 6], [3, 7]], {'intra': 0, 'inter': 400}),
+    ('all-to-all', [list(range(8))], {'intra': 300, 'inter': 400}),  # 3 peers near, 4 far
+    ('all-gather', [[0, 1, 2, 3], [4, 5, 6, 7]], {'intra': 600, 'inter': 0}),
+    ('all-gather', [list(range(8))], {'intra': 0, 'inter': 700}),  # the ring's slowest hops
+])
+def test_collectives_split_their_bytes_by_link(kind, groups, links):
+  collective = hlo_stats.Collective(kind, 'f32', 800, groups)
+  assert collective.link_bytes(NODES) == links
+  assert collective.nodes(NODES) == (1 if links['inter'] == 0 else 2)
+
+
+def _all_to_all_hlo(mesh_shape, names, axis, **options):
+  mesh = jax.make_mesh(mesh_shape, names, devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Explicit,) * len(names))
+  spec = jax.sharding.PartitionSpec(names)
+  f = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x, axis, 0, 0, tiled=True, **options),
+                            mesh=mesh, in_specs=spec, out_specs=spec))
+  x = jax.ShapeDtypeStruct((8 * 16, 4), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, spec))
+  (collective, _), = hlo_stats.module_stats(f.lower(x).compile().as_text()).collectives
+  return collective
+
+
+@pytest.mark.parametrize('mesh_shape, names, axis, options, groups, links', [
+    ((2, 4), ('node', 'local'), 'local', {}, [[0, 1, 2, 3], [4, 5, 6, 7]],
+     {'intra': 192, 'inter': 0}),
+    ((2, 4), ('node', 'local'), 'node', {}, [[0, 4], [1, 5], [2, 6], [3, 7]],
+     {'intra': 0, 'inter': 128}),
+    ((2, 4), ('node', 'local'), ('node', 'local'), {}, [list(range(8))],
+     {'intra': 96, 'inter': 128}),
+    ((8,), ('x',), 'x', {'axis_index_groups': [[0, 1, 2, 3], [4, 5, 6, 7]]},
+     [[0, 1, 2, 3], [4, 5, 6, 7]], {'intra': 192, 'inter': 0}),
+], ids=['inside-nodes', 'across-nodes', 'all', 'axis-index-groups'])
+def test_a_compiled_all_to_all_names_its_devices_and_links(mesh_shape, names, axis, options,
+                                                           groups, links):
+  """Each device holds 16×4 float32 (256 bytes) and keeps its own share."""
+  collective = _all_to_all_hlo(mesh_shape, names, axis, **options)
+  assert collective.groups == groups and collective.devices == list(range(8))
+  assert collective.op_name.endswith('shard_map/all_to_all')
+  assert collective.result_bytes == 256
+  assert collective.link_bytes(NODES) == links
+
+
+def test_a_compiled_permute_names_its_source_target_pairs():
+  mesh = jax.make_mesh((8,), ('x',), devices=jax.devices()[:8],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  spec = jax.sharding.PartitionSpec('x')
+  shift = [(i, (i + 4) % 8) for i in range(8)]  # to the same place on the other node
+  f = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, 'x', shift), mesh=mesh,
+                            in_specs=spec, out_specs=spec))
+  x = jax.ShapeDtypeStruct((8 * 16, 4), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, spec))
+  (collective, _), = hlo_stats.module_stats(f.lower(x).compile().as_text()).collectives
+  assert collective.kind == 'collective-permute'
+  assert sorted(map(tuple, collective.groups)) == shift
+  assert collective.link_bytes(NODES) == {'intra': 0, 'inter': 256}

@@ -30,7 +30,9 @@ model: the config's train step lowered and compiled for a mesh of CPU devices st
 the target's (nothing big runs), read back with XLA's cost and memory analysis and its
 optimized HLO (`moetrain.cost_model`): FLOPs (loop trips counted), bytes accessed, bytes each
 device sends per collective kind, peak memory per device, and a roofline estimate of step time
-and MFU per chip.
+and MFU per chip; then, per chip, the bytes each device sends inside its node and across nodes
+and the communication left exposed with the expert exchange run flat, overlapped in chunks,
+two-level, in FP8 and all combined (`tools/exchange_compare.py` times those on accelerators).
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
@@ -58,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from moetrain import checkpoint, trainer  # noqa: E402
+from moetrain import checkpoint, cost_model, trainer  # noqa: E402
 from moetrain import config as config_lib  # noqa: E402
 from moetrain.errors import ConfigError  # noqa: E402
 from moetrain.models import dispatch, routing  # noqa: E402
@@ -206,7 +208,9 @@ def _timed(fn):
 def checkpoint_overhead(args):
   """Step times with and without an asynchronous save in flight."""
   config = config_lib.load(args.config, args.overrides)
-  setup = make_setup(config, make_mesh(config))
+  mesh = make_mesh(config)
+  cost_model.resolve_exchange_chunks(config, mesh)
+  setup = make_setup(config, mesh)
   with jax.set_mesh(setup.mesh), tempfile.TemporaryDirectory() as directory:
     state, step = init_state(setup), make_train_step(setup)
     batch = trainer.global_batch(setup, step_benchmarks.random_batch(config))

@@ -135,17 +135,43 @@ def model(args) -> None:
   print(f'  memory estimate  {gib(estimate["total"])} = params {gib(estimate["params"])} + '
         f'optimizer {gib(estimate["optimizer"])} + activations {gib(estimate["activations"])}')
   header = (f'{"chip":<24} {"step s":>8} {"overlap s":>9} {"MFU":>6} {"tokens/s":>12} '
-            f'{"compute s":>9} {"HBM s":>7} {"comm s":>7} fits')
+            f'{"compute s":>9} {"HBM s":>7} {"comm s":>7} {"exposed s":>9} fits')
   print(header)
   print('-' * len(header))
   for row in rows:
     print(f'{row["chip"]:<24} {row["step_s"]:8.3f} {row["overlapped_step_s"]:9.3f} '
           f'{100 * row["mfu"]:5.1f}% {row["tokens_per_s"]:12,.0f} {row["compute_s"]:9.3f} '
           f'{row["memory_s"]:7.3f} {sum(row["collective_s"].values()):7.3f} '
-          f'{"yes" if row["fits"] else "NO"}')
+          f'{row["exposed_comm_s"]:9.3f} {"yes" if row["fits"] else "NO"}')
+  exchanges = {name: _print_exchange(cost, hardware.CHIPS[name]) for name in args.chips}
   _write(args.json, {'config': args.config, 'overrides': args.overrides, 'mesh': cost.mesh,
                      'hand_flops': hand, **{k: v for k, v in vars(cost).items() if k != 'mesh'},
-                     'roofline': rows})
+                     'roofline': rows, 'exchange_variants': exchanges})
+
+
+def _print_exchange(cost, chip) -> list:
+  """Bytes per link class and exposed communication of each way to run the exchange."""
+  variants = cost_model.exchange_variants(cost, chip)
+  if not variants:
+    return variants
+  intra, inter = chip.link_names
+  gb = lambda value: f'{value / 2**30:10.1f}'
+  others = {link: sum(sent[link] for role, sent in cost.link_bytes[chip.node_size].items()
+                      if role != 'exchange') for link in hardware.LINKS}
+  print(f'{chip.name}, {chip.node_size} per node ({intra} {chip.link_bandwidth / 1e9:.0f} GB/s, '
+        f'{inter} {chip.network_bandwidth / 1e9:.0f} GB/s per chip); the expert exchange spans '
+        f'{variants[0]["nodes"]} node(s); the other collectives send {intra} '
+        f'{others["intra"] / 2**30:.1f} GiB, {inter} {others["inter"] / 2**30:.1f} GiB '
+        '(not overlapped)')
+  header = (f'  {"exchange":<11} {"chunks":>6} {intra + " GiB":>10} {inter + " GiB":>10} '
+            f'{"link s":>8} {"exposed s":>9} {"comm exposed s":>14} {"step s":>8} {"of step":>7}')
+  print(header)
+  for row in variants:
+    print(f'  {row["variant"]:<11} {row["chunks"]:6d} {gb(row["bytes"]["intra"])} '
+          f'{gb(row["bytes"]["inter"])} {row["link_s"]:8.3f} {row["exposed_s"]:9.3f} '
+          f'{row["exposed_comm_s"]:14.3f} {row["step_s"]:8.3f} '
+          f'{100 * row["exposed_comm_s"] / row["step_s"]:6.1f}%')
+  return variants
 
 
 def _write(path, report) -> None:

@@ -53,6 +53,9 @@ class MoE(nnx.Module):
     self.moe = ml_collections.FrozenConfigDict(moe)  # hashable, so the graphdef is too
     self.dtype = jnp.dtype(config.dtype)
     self.exchange = two_level.node_aware(exchange.for_mesh(mesh, moe), moe)
+    # 0 (auto) is set from the cost model before the trainer builds a model; a model built
+    # without that step exchanges in one chunk.
+    self.chunks = moe.exchange_chunks or 1
 
   def __call__(self, x_BxLxD, mask_BxL, capacity_factor: float, *, train: bool = False,
                rng=None):
@@ -91,7 +94,7 @@ class MoE(nnx.Module):
       tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
       y_GxTxD = pipeline.expert_choice(x_GxTxD, tokens_GxExC, gates_GxExC, weights,
                                        backend=backend, exchange=self.exchange,
-                                       chunks=moe.exchange_chunks)
+                                       chunks=self.chunks)
       stats = routing_stats.expert_choice(probs_GxTxR=probs_GxTxR, logits_GxTxR=logits_GxTxR,
                                           tokens_GxExC=tokens_GxExC, gates_GxExC=gates_GxExC,
                                           mask_GxT=mask_GxT)
@@ -111,7 +114,7 @@ class MoE(nnx.Module):
       y_GxTxD, kept_GxTxK = pipeline.token_choice(
           x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts,
           capacity=capacity, backend=backend, priority_GxT=priority_GxT, exchange=self.exchange,
-          chunks=moe.exchange_chunks)
+          chunks=self.chunks)
       aux_loss = routing.load_balance_loss(probs_GxTxR, experts_GxTxK, mask_GxT,
                                            mode=moe.aux_loss, seq_len=l,
                                            num_null_experts=moe.num_null_experts)

@@ -52,7 +52,7 @@ def check_layout(config, shape: tuple[int, ...]) -> None:
         f'model.moe.group_size={config.model.moe.group_size}) must divide evenly over '
         f'mesh data×fsdp×expert={batch_shards} devices')
   chunks = config.model.moe.exchange_chunks
-  if groups // (microbatches * batch_shards) % chunks:
+  if chunks and groups // (microbatches * batch_shards) % chunks:  # 0: chosen later
     raise ConfigError(
         f'model.moe.exchange_chunks={chunks} must divide the '
         f'{groups // (microbatches * batch_shards)} dispatch groups each device holds per '
