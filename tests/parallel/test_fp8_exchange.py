@@ -339,7 +339,7 @@ MIXED = ['--config.model.vocab_size=64', '--config.model.d_model=128', '--config
          '--config.mesh.expert=2', '--config.mesh.tensor=2', '--config.model.moe.exchange_chunks=2']
 
 
-@pytest.mark.parametrize('capacity_factor', ['1.0', '0'])
+@pytest.mark.parametrize('capacity_factor', ['0'])  # capacity buffers: exact tests above
 def test_fp8_step_on_fsdp_expert_tensor_mesh_is_near_bf16_dispatch(capacity_factor):
   """The whole step, in chunks, with every mesh axis split: FP8 dispatch moves the loss and
   gradients by its rounding alone."""
