@@ -8,7 +8,7 @@ import numpy as np
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
 from moetrain.state import init_state, make_setup
-from moetrain.steps import gradients
+from moetrain.steps import gradients, make_train_step
 
 
 def random_batch(config, seed=0, padding=0):
@@ -37,3 +37,26 @@ def first_gradients(config, devices, local_batch, then=None):
     if then is not None:
       result += (then(setup, state, batch),)
     return result
+
+
+def train(config, devices, batch_at, steps: int):
+  """(losses of `steps` train steps of `config` on `devices`, the last step's metrics);
+  `batch_at(i)` is step i's local batch."""
+  mesh = make_mesh(config, devices)
+  setup = make_setup(config, mesh)
+  with jax.set_mesh(mesh):
+    state, step, losses = init_state(setup), make_train_step(setup), []
+    for i in range(steps):
+      state, metrics = step(state, trainer.global_batch(setup, batch_at(i)))
+      losses.append(metrics['loss'])
+    return np.array(jax.device_get(losses), np.float64), jax.device_get(metrics), state
+
+
+def compiled_train_step(config, devices) -> str:
+  """The optimised HLO text of `config`'s train step on `devices`."""
+  mesh = make_mesh(config, devices)
+  setup = make_setup(config, mesh)
+  with jax.set_mesh(mesh):
+    state = init_state(setup)
+    batch = trainer.global_batch(setup, random_batch(config))
+    return make_train_step(setup).lower(state, batch).compile().as_text()

@@ -10,7 +10,8 @@ from moetrain import config as config_lib
 from moetrain import trainer
 from moetrain.parallel.mesh import make_mesh
 from moetrain.state import init_state, make_setup
-from moetrain.steps import gradients, make_train_step
+from moetrain.steps import gradients
+from tests.steps import train
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=64',
          '--config.model.num_layers=2', '--config.model.max_seq_len=32',
@@ -50,15 +51,8 @@ def patterned_batch(config, step):
 @pytest.mark.parametrize('router', ROUTERS)
 def test_each_router_trains(router):
   config = config_lib.load('configs/tiny.py', SMALL + ROUTERS[router])
-  mesh = make_mesh(config, jax.devices()[:1])
-  setup = make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = init_state(setup)
-    step = make_train_step(setup)
-    losses = []
-    for i in range(30):
-      state, metrics = step(state, trainer.global_batch(setup, patterned_batch(config, i)))
-      losses.append(float(metrics['loss']))
+  losses, metrics, state = train(config, jax.devices()[:1],
+                                 functools.partial(patterned_batch, config), 30)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   if '--config.model.moe.bias_update_rate=0.001' in ROUTERS[router]:

@@ -7,13 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from moetrain import trainer
-from moetrain.parallel.mesh import make_mesh
-from moetrain.state import init_state, make_setup
-from moetrain.steps import make_train_step
-from tests.parallel.test_expert_parallel import first_step, small_config
 from tests.models.test_two_level import inter_and_other_all_to_all_bytes
-from tests.steps import random_batch
+from tests.parallel.test_expert_parallel import first_step, small_config
+from tests.steps import compiled_train_step
 
 # Capacity factor 2: experts still drop, the node capacity holds every token (so the two-level
 # step keeps what one device keeps).
@@ -47,11 +43,6 @@ def test_two_node_step_equals_single_device(routing, layout):
 def test_compiled_two_node_step_exchanges_inside_and_across_nodes():
   config = small_config(*ROOMY, '--config.mesh.data=1', '--config.mesh.expert=8',
                         '--config.model.moe.exchange_nodes=2')
-  mesh = make_mesh(config, jax.devices()[:8])
-  setup = make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = init_state(setup)
-    batch = trainer.global_batch(setup, random_batch(config))
-    hlo = make_train_step(setup).lower(state, batch).compile().as_text()
+  hlo = compiled_train_step(config, jax.devices()[:8])
   inter, intra = inter_and_other_all_to_all_bytes(hlo, {d: d // 4 for d in range(8)})
   assert inter > 0 and intra > 0  # the flat exchange has no all-to-all inside a node

@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import trainer
-from moetrain.parallel.mesh import make_mesh
-from moetrain.state import init_state, make_setup
-from moetrain.steps import make_train_step
-from tests.steps import first_gradients, random_batch
+from tests.steps import compiled_train_step, first_gradients, random_batch
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=48',
          '--config.model.num_layers=2', '--config.model.max_seq_len=16',
@@ -72,12 +68,7 @@ def all_gathered_shapes(hlo_text: str) -> list[tuple[int, ...]]:
 
 def test_compiled_step_exchanges_tokens_and_never_gathers_expert_weights():
   config = small_config('--config.mesh.data=1', '--config.mesh.expert=8')
-  mesh = make_mesh(config, jax.devices()[:8])
-  setup = make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = init_state(setup)
-    batch = trainer.global_batch(setup, random_batch(config))
-    hlo = make_train_step(setup).lower(state, batch).compile().as_text()
+  hlo = compiled_train_step(config, jax.devices()[:8])
   assert 'all-to-all' in hlo
   experts, d, f = config.model.moe.num_experts, config.model.d_model, config.model.d_ff
   gathered = all_gathered_shapes(hlo)

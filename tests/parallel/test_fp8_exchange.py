@@ -2,6 +2,7 @@
 quantisation bit for bit, an expert-parallel exchange that sends quantised tokens and sends
 gradients back unquantised, half the bytes on the wire, and training that follows bf16 dispatch."""
 
+import functools
 import re
 
 import jax
@@ -11,14 +12,11 @@ import numpy as np
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import trainer
 from moetrain.errors import ConfigError
 from moetrain.models import pipeline
 from moetrain.parallel import exchange, fp8, sharding
-from moetrain.parallel.mesh import AXES, make_mesh
-from moetrain.state import init_state, make_setup
-from moetrain.steps import make_train_step
-from tests.steps import first_gradients, random_batch
+from moetrain.parallel.mesh import AXES
+from tests.steps import first_gradients, random_batch, train
 
 FP8 = 'float8_e4m3fn'
 
@@ -310,16 +308,9 @@ def noisy_batch(config, step):
 def train_losses(exchange_dtype):
   config = config_lib.load('configs/tiny.py',
                            TRAIN + [f'--config.model.moe.exchange_dtype={exchange_dtype}'])
-  mesh = make_mesh(config, jax.devices()[:4])
-  setup = make_setup(config, mesh)
-  with jax.set_mesh(mesh):
-    state = init_state(setup)
-    step = make_train_step(setup)
-    losses = []
-    for i in range(config.train.steps):
-      state, metrics = step(state, trainer.global_batch(setup, noisy_batch(config, i)))
-      losses.append(metrics['loss'])
-  return np.array(jax.device_get(losses), np.float64)
+  losses, _, _ = train(config, jax.devices()[:4], functools.partial(noisy_batch, config),
+                       config.train.steps)
+  return losses
 
 
 def test_fp8_dispatch_trains_like_bf16_dispatch():
