@@ -135,7 +135,8 @@ def test_documents_and_tokenizer_are_read_from_the_bucket(bucket, tmp_path):
         json.dumps({'text': t}) + '\n' for t in texts[shard::2]).encode())
   train_tokenizer(texts, 300, tmp_path / 'tokenizer.model')
   upload(bucket, 'tokenizer.model', (tmp_path / 'tokenizer.model').read_bytes())
-  process = start(bucket, tmp_path, 2, '--config.data.source=jsonl', '--config.data.path=gs://bucket/data/*.jsonl',
+  process = start(bucket, tmp_path, 2, '--config.data.source=jsonl',
+                  '--config.data.path=gs://bucket/data/*.jsonl',
                   '--config.data.tokenizer=gs://bucket/tokenizer.model',
                   '--config.model.vocab_size=300', workdir='gs://bucket/documents')
   stdout, stderr = process.communicate(timeout=600)

@@ -58,8 +58,10 @@ def test_sigterm_during_start_up_stops_the_same_way(tmp_path):
 
 
 def test_a_training_run_does_not_import_torch(tmp_path):
+  argv = ['--config', 'configs/tiny.py', '--workdir', str(tmp_path), *SMALL,
+          '--config.train.steps=1']
   script = ('import sys\nfrom moetrain import train\n'
-            f'code = train.main({["--config", "configs/tiny.py", "--workdir", str(tmp_path), *SMALL, "--config.train.steps=1"]!r})\n'
+            f'code = train.main({argv!r})\n'
             'print("exit", code, "torch imported:", "torch" in sys.modules)\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              TF_CPP_MIN_LOG_LEVEL='2')

@@ -277,8 +277,8 @@ class TwoLevel:
 
 
 def node_aware(flat, moe_config=None):
-  """`flat` (the exchange `exchange.for_mesh` picked), or the two-level exchange over it when its expert axis
-  spans several nodes (`model.moe.exchange_nodes`, 0: from the devices)."""
+  """`flat` (the exchange `exchange.for_mesh` picked), or the two-level exchange over it when
+  its expert axis spans several nodes (`model.moe.exchange_nodes`, 0: from the devices)."""
   if not isinstance(flat, exchange.ExpertParallel):
     return flat  # nothing travels
   moe = moe_config or {}
