@@ -43,10 +43,9 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   `num_batches` (0: the config's `train.eval_batches`) fixed batches of `split`, routed dropless
   unless `overrides` set model.moe.eval_capacity_factor; 'routing' says how (`routing`)."""
   import jax
-  from moetrain import checkpoint, trainer
+  from moetrain import checkpoint, cost_model, trainer
   from moetrain.data.inputs import fixed_batches, load_tokenizer
   from moetrain.data.tokenizer import PAD_ID
-  from moetrain import cost_model
   from moetrain.parallel.mesh import make_mesh
   from moetrain.state import abstract_state, make_setup
   from moetrain.steps import make_eval_step

@@ -8,23 +8,8 @@ import jax
 from flax import nnx
 
 from moetrain import config as config_lib
+from moetrain.models.layout import flatten, unflatten
 from moetrain.state import build_model
-
-
-def _flat(tree: dict, prefix: str) -> dict:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}.{key}'
-    flat.update(_flat(value, name) if isinstance(value, dict) else {name: value})
-  return flat
-
-
-def _nested(name: str, value) -> dict:
-  *sections, key = name.split('.')
-  tree = {key: value}
-  for section in reversed(sections):
-    tree = {section: tree}
-  return tree
 
 
 def _shapes(model_config) -> dict:
@@ -39,8 +24,8 @@ def blocking_fields(saved: dict, config) -> list[str]:
   nested dict) whose saved value alone, put back into `config`, changes an array's shape.
   Fields `saved` lacks (an older checkpoint) count at their defaults."""
   schema = json.loads(config_lib.default_config().model.to_json_best_effort())
-  old = {**_flat(schema, 'model'), **_flat(saved.get('model', {}), 'model')}
-  new = _flat(json.loads(config.model.to_json_best_effort()), 'model')
+  old = {**flatten({'model': schema}), **flatten({'model': saved.get('model', {})})}
+  new = flatten({'model': json.loads(config.model.to_json_best_effort())})
   wanted = _shapes(config.model)
   blocking = []
   for name in sorted(set(old) & set(new)):
@@ -48,12 +33,12 @@ def blocking_fields(saved: dict, config) -> list[str]:
       continue
     trial = copy.deepcopy(config)
     try:
-      config_lib.update_from_dict(trial, _nested(name, old[name]), 'checkpoint')
+      config_lib.update_from_dict(trial, unflatten({name: old[name]}), 'checkpoint')
       blocks = _shapes(trial.model) != wanted
     except Exception:  # noqa: BLE001
       # It cannot go back alone (a wrong type, or a model that needs other fields changed with
       # it): it is part of what differs.
       blocks = True
     if blocks:
-      blocking.append(f'{name}={old[name]!r}→{new[name]!r}')
+      blocking.append(f'{name.replace("/", ".")}={old[name]!r}→{new[name]!r}')
   return blocking
