@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # activation/compute dtype (router and loss always float32)
   m.param_dtype = 'float32'  # parameter storage dtype
   m.scan_layers = False  # run identical blocks as one scanned stack (compile time flat in depth)
+  # Pipeline parallelism (mesh.stage > 1) runs the main scanned stack (the MoE units; a dense
+  # model's blocks) in stages: with repeats r > 1 each stage holds r slices of it, one per round
+  # of a circular schedule, and the stack's weights are stored [r, units / r, ...].
+  m.pipeline_repeats = 1  # 1: GPipe (one contiguous slice per stage); > 1: circular
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts per MoE layer; 0 gives a dense model
@@ -114,6 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
   e.first_dense_layers = 0  # leading blocks that stay dense
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.stage = 1  # pipeline stages (outermost; may cross slices): each holds 1/stage of the
+  #                   main layer stack and runs train.microbatches (>= stage) through it
   c.mesh.data = -1  # data-parallel axis; -1 takes the devices the other axes leave
   c.mesh.fsdp = 1  # parameter-sharded data-parallel axis
   c.mesh.expert = 1  # expert-parallel axis (also holds different data)

@@ -4,6 +4,7 @@ Runs before any device work; every ConfigError names the field and what is wrong
 """
 
 from moetrain.errors import ConfigError
+from moetrain.models.transformer import layer_plan
 
 ENUMS = {
     'model.dtype': ('float32', 'bfloat16'),
@@ -116,12 +117,43 @@ def validate(config) -> None:
     raise ConfigError(f'train.batch_size={t.batch_size} must be divisible by '
                       f'train.microbatches={t.microbatches} × '
                       f'model.moe.group_size={e.group_size}')
-  for axis in ('data', 'fsdp', 'expert', 'tensor'):
+  axes = ('stage', 'data', 'fsdp', 'expert', 'tensor')
+  for axis in axes:
     size = config.mesh[axis]
     if size != -1 and size < 1:
       raise ConfigError(f'mesh.{axis}={size} must be >= 1, or -1 to fill the devices')
-  if sum(config.mesh[a] == -1 for a in ('data', 'fsdp', 'expert', 'tensor')) > 1:
-    raise ConfigError('at most one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1')
+  if sum(config.mesh[a] == -1 for a in axes) > 1:
+    raise ConfigError('at most one of ' + ', '.join(f'mesh.{a}' for a in axes) + ' may be -1')
+  _validate_stages(config)
+
+
+def _validate_stages(config):
+  """The main layer stack must split over mesh.stage × model.pipeline_repeats, and the
+  pipeline needs a microbatch for every stage."""
+  m, stages, repeats = config.model, config.mesh.stage, config.model.pipeline_repeats
+  if repeats < 1:
+    raise ConfigError(f'model.pipeline_repeats={repeats} must be >= 1')
+  units = layer_plan(m)[1] or layer_plan(m)[0]
+  if repeats > 1 and not m.scan_layers:
+    raise ConfigError(f'model.pipeline_repeats={repeats} needs model.scan_layers=True')
+  if units % repeats:
+    raise ConfigError(f'model.pipeline_repeats={repeats} must divide the {units} units of the '
+                      'main layer stack')
+  if stages == 1:
+    return
+  if not m.scan_layers:
+    raise ConfigError(f'mesh.stage={stages} needs model.scan_layers=True: stages split the '
+                      'scanned layer stack')
+  if units % (stages * repeats):
+    raise ConfigError(f'the {units} units of the main layer stack must split over mesh.stage='
+                      f'{stages} × model.pipeline_repeats={repeats}')
+  if config.train.microbatches < stages:
+    raise ConfigError(f'train.microbatches={config.train.microbatches} must be >= '
+                      f'mesh.stage={stages}: the pipeline needs a microbatch for every stage')
+  if config.train.microbatches % stages:
+    # The embedding and the head split the microbatches over the stages.
+    raise ConfigError(f'train.microbatches={config.train.microbatches} must be a multiple of '
+                      f'mesh.stage={stages}')
 
 
 def _validate_data(d):

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moetrain.data.packing import document_segments
 from moetrain.data.tokenizer import EOS_ID, PAD_ID
-from moetrain.models import routing_stats
+from moetrain.models import layout, routing, routing_stats
 from moetrain.parallel import sharding
 from moetrain.state import Setup
 
@@ -21,7 +21,8 @@ def objective(ce, aux_loss, z_loss, moe_config):
 
 def forward(model, batch, capacity_factor, *, train=False, rng=None, document_mask=True):
   """-> (cross-entropy summed over non-padding targets, their count, the MoE layers'
-  `RoutingStats` stacked).
+  `RoutingStats` stacked). The batch's fields are [B, L], or [M, B, L] for M microbatches
+  through pipeline stages (`Transformer.forward`).
 
   With `document_mask` the documents packed into a row attend only within themselves, each
   from position 0 (segments and positions from their end-of-document tokens, `data.packing`);
@@ -60,41 +61,58 @@ def loss_and_metrics(model, batch, model_config, capacity_factor, *, train=False
 def gradients(setup: Setup, params, buffers, batch, rng):
   """Gradients of the training objective, the step's metrics and the updated buffers.
 
-  The batch runs as `train.microbatches` = k microbatches in a `lax.scan` (k = 1 is one pass),
-  the balancing biases threaded through them. Each microbatch contributes its share of the
-  step's objective: cross-entropy and z-loss over all the step's tokens, so they and their
-  gradients equal one pass over the whole batch, and the aux loss as the mean of the
-  per-microbatch values (MOE_SPEC.md). The routing statistics add up by their declared
-  reductions, so the metrics do not depend on k.
+  The batch runs as `train.microbatches` = k microbatches: in a `lax.scan` (k = 1 is one
+  pass), or with pipeline stages all k through the pipeline in one pass. Each microbatch
+  contributes its share of the step's objective: cross-entropy and z-loss over all the step's
+  tokens, so they and their gradients equal one pass over the whole batch, and the aux loss as
+  the mean of the per-microbatch values (MOE_SPEC.md). The routing statistics add up by their
+  declared reductions, so the metrics do not depend on k, and the balancing biases move once,
+  by the step's load.
   """
   moe = setup.config.model.moe
   k = setup.config.train.microbatches
   targets = jnp.maximum((batch['targets'] != PAD_ID).sum().astype(jnp.float32), 1.0)
   routed = jnp.maximum((batch['inputs'] != PAD_ID).sum().astype(jnp.float32), 1.0)
+  micro = split_microbatches(batch, k, moe.group_size, setup.mesh)
 
-  def share(params, buffers, microbatch, microbatch_rng):
+  def share(params, microbatch, microbatch_rng):
     model = nnx.merge(setup.graphdef, params, buffers)
     ce_sum, microbatch_targets, stats = forward(
         model, microbatch, moe.capacity_factor, train=True, rng=microbatch_rng,
         document_mask=setup.config.train.document_mask)
-    loss = objective(ce_sum / targets, stats.aux_loss.sum() / k, stats.z_sum.sum() / routed, moe)
-    new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-    return loss, ((ce_sum, microbatch_targets, stats), new_buffers)
+    # Through stages all k microbatches run at once; their stats already hold the mean aux.
+    aux = stats.aux_loss.sum() * (k if microbatch['inputs'].ndim == 3 else 1) / k
+    loss = objective(ce_sum / targets, aux, stats.z_sum.sum() / routed, moe)
+    return loss, (ce_sum, microbatch_targets, stats)
 
-  def body(carry, xs):
-    grads, buffers = carry
-    microbatch, index = xs
-    microbatch_grads, (totals, buffers) = jax.grad(share, has_aux=True)(
-        params, buffers, microbatch, jax.random.fold_in(rng, index))
-    return (jax.tree.map(jnp.add, grads, microbatch_grads), buffers), totals
+  if setup.mesh.shape.get('stage', 1) > 1:
+    grads, (ce_sum, target_count, stats) = jax.grad(share, has_aux=True)(params, micro, rng)
+  else:
+    def body(grads, xs):
+      microbatch, index = xs
+      microbatch_grads, totals = jax.grad(share, has_aux=True)(
+          params, microbatch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, grads, microbatch_grads), totals
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (ce_sums, target_counts, stats_K) = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+    ce_sum, target_count = ce_sums.sum(), target_counts.sum()
+    stats = routing_stats.reduce_microbatches(stats_K)
+  metrics = step_metrics(ce_sum, target_count, stats, moe)
+  return grads, metrics, balance_biases(buffers, stats, setup.config.model)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  micro = split_microbatches(batch, k, moe.group_size, setup.mesh)
-  (grads, new_buffers), (ce_sums, target_counts, stats) = jax.lax.scan(
-      body, (zeros, buffers), (micro, jnp.arange(k)))
-  metrics = step_metrics(ce_sums.sum(), target_counts.sum(),
-                         routing_stats.reduce_microbatches(stats), moe)
-  return grads, metrics, new_buffers
+
+def balance_biases(buffers, stats, model_config):
+  """The buffers with every MoE layer's balancing bias moved by the step's load (stats of the
+  MoE layers in layer order), as auxiliary-loss-free balancing prescribes (MOE_SPEC.md)."""
+  rate = model_config.moe.bias_update_rate
+  if not rate:
+    return buffers
+  flat = layout.to_layers(buffers, model_config)
+  names = sorted((name for name in flat if name.endswith('/router_bias')),
+                 key=lambda name: int(name.split('/')[1]))
+  for layer, name in enumerate(names):
+    flat[name] = routing.update_bias(flat[name], stats.assignments_E[layer], rate)
+  return layout.from_layers(flat, model_config)
 
 
 def split_microbatches(batch, k: int, group_size: int, mesh=None):
@@ -141,6 +159,9 @@ def make_eval_step(setup: Setup):
 
   def eval_step(params, buffers, batch):
     model = nnx.merge(setup.graphdef, params, buffers)
+    if setup.mesh.shape.get('stage', 1) > 1:
+      batch = split_microbatches(batch, setup.config.train.microbatches,
+                                 model_config.moe.group_size, setup.mesh)
     ce_sum, targets, _ = forward(model, batch, model_config.moe.eval_capacity_factor,
                                  document_mask=setup.config.train.document_mask)
     return ce_sum, targets

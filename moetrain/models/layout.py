@@ -4,13 +4,14 @@
 blocks are stacked into `dense_stack`, `moe_stack` and `tail`. Conversion and upcycling work
 per layer instead, on names such as `blocks/3/attention/wq` or `blocks/3/ffn/w_gate` (the
 unscanned paths). `to_layers` and `from_layers` translate between the two, for numpy arrays on
-the host and for jax arrays inside a jitted function alike.
+the host and for jax arrays inside a jitted function alike. A circular pipeline stores its main
+stack as [repeats, units / repeats]: the stack in order, row by row.
 """
 
 import jax.numpy as jnp
 import numpy as np
 
-from moetrain.models.transformer import layer_plan
+from moetrain.models.transformer import layer_plan, main_stack
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -43,6 +44,12 @@ def _stacks(model_config):
           ('tail/', tail, lambda c, j: start + j))
 
 
+def _repeated(name: str, model_config) -> bool:
+  """Whether `name` is an array of the main stack stored [repeats, units / repeats]."""
+  return (model_config.get('pipeline_repeats', 1) > 1
+          and name.startswith(main_stack(model_config) + '/'))
+
+
 def to_layers(tree: dict, model_config) -> dict:
   """A params (or buffers) tree in the model's layout → flat per-layer names."""
   flat = flatten(tree)
@@ -50,6 +57,8 @@ def to_layers(tree: dict, model_config) -> dict:
     return flat
   out = {}
   for name, value in flat.items():
+    if _repeated(name, model_config):
+      value = value.reshape((-1,) + value.shape[2:])
     for prefix, copies, layer in _stacks(model_config):
       if name.startswith(prefix):
         offset, rest = name[len(prefix):].split('/', 1)
@@ -93,4 +102,6 @@ def from_layers(flat: dict, model_config) -> dict:
     values = [copies[c] for c in sorted(copies)]
     xp = np if isinstance(values[0], np.ndarray) else jnp
     out[name] = xp.stack(values)
+    if _repeated(name, model_config):
+      out[name] = out[name].reshape((model_config.pipeline_repeats, -1) + out[name].shape[1:])
   return unflatten(out)

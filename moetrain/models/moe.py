@@ -62,8 +62,8 @@ class MoE(nnx.Module):
     """Returns the MoE output [B, L, D] and this layer's `routing_stats.RoutingStats`.
 
     `capacity_factor` 0 routes dropless. In training (`train=True`) the router input is
-    jittered when configured (needs `rng`) and the balancing bias is updated from this batch's
-    load.
+    jittered when configured (needs `rng`). The balancing bias is updated once per step, from
+    the step's load (`steps.balance_biases`), not here.
     """
     moe = self.moe
     if not capacity_factor >= 0:
@@ -122,11 +122,6 @@ class MoE(nnx.Module):
                                          experts_GxTxK=experts_GxTxK, kept_GxTxK=kept_GxTxK,
                                          mask_GxT=mask_GxT, num_experts=moe.num_experts,
                                          aux_loss=aux_loss, bias_E=bias_E)
-      if train and moe.bias_update_rate:
-        # The bias that routed this batch is in the stats; the update applies from the next.
-        self.router_bias[...] = routing.update_bias(bias_E, stats.assignments_E,
-                                                    moe.bias_update_rate)
-
     y_BxLxD = y_GxTxD.reshape(b, l, d)
     if moe.num_shared_experts:
       y_BxLxD = y_BxLxD + self._shared(x_BxLxD)

@@ -49,6 +49,14 @@ def reduce_microbatches(stats_K: RoutingStats) -> RoutingStats:
                          for f in dataclasses.fields(RoutingStats)})
 
 
+def from_microbatch_sums(stats_sum: RoutingStats, microbatches: int) -> RoutingStats:
+  """Stats summed over `microbatches` microbatches → the step's, by each field's reduction
+  ('first' fields hold the same value in every microbatch of a step, so their mean)."""
+  return RoutingStats(**{
+      f.name: getattr(stats_sum, f.name) / (1 if f.metadata['reduce'] == 'sum' else microbatches)
+      for f in dataclasses.fields(RoutingStats)})
+
+
 def empty(num_experts: int) -> RoutingStats:
   """The stats of zero MoE layers, stacked: every field with a leading axis of size 0."""
   per_layer = lambda name: (0, num_experts) if name.endswith('_E') else (0,)

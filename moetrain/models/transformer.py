@@ -9,8 +9,8 @@ from moetrain.models.layers import KVCache, RMSNorm, param
 from moetrain.models.mla import LatentAttention
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
-from moetrain.models.routing_stats import empty as no_routing_stats
-from moetrain.parallel import sharding
+from moetrain.models import routing_stats
+from moetrain.parallel import sharding, stages
 
 
 def init_cache(model, batch: int, length: int) -> None:
@@ -72,15 +72,20 @@ class Unit(nnx.Module):
     self.blocks = nnx.List(blocks)
 
 
-def stack_modules(modules):
-  """Modules of one structure → one module whose arrays gain a leading 'layers' axis."""
+def stack_modules(modules, axis: str = 'layers', repeats: int = 1):
+  """Modules of one structure → one module whose arrays gain a leading `axis` of their count,
+  or with `repeats` > 1 two leading axes ('layer_repeats', `axis`) of [repeats, count/repeats]
+  (the stack in order, row by row)."""
   graphdef, *_ = nnx.split(modules[0])
   states = [nnx.state(module) for module in modules]
 
   def stack(*variables):
-    axes = variables[0].get_metadata().get('out_sharding')
-    return variables[0].replace(jnp.stack([v.get_value() for v in variables]),
-                                out_sharding=('layers', *(axes or (None,) * variables[0].ndim)))
+    axes = variables[0].get_metadata().get('out_sharding') or (None,) * variables[0].ndim
+    stacked = jnp.stack([v.get_value() for v in variables])
+    if repeats > 1:
+      return variables[0].replace(stacked.reshape((repeats, -1) + stacked.shape[1:]),
+                                  out_sharding=('layer_repeats', axis, *axes))
+    return variables[0].replace(stacked, out_sharding=(axis, *axes))
   stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, stacked)
 
@@ -93,6 +98,11 @@ def layer_plan(config):
   dense = moe.first_dense_layers
   units = (config.num_layers - dense) // moe.layer_interval
   return dense, units, moe.layer_interval, config.num_layers - dense - units * moe.layer_interval
+
+
+def main_stack(config) -> str:
+  """The scanned stack that pipeline stages split: the MoE units, or a dense model's blocks."""
+  return 'moe_stack' if layer_plan(config)[1] else 'dense_stack'
 
 
 class Transformer(nnx.Module):
@@ -112,10 +122,14 @@ class Transformer(nnx.Module):
     if self.scan_layers:
       # Blocks are created in order as in the unscanned model (same parameters), then stacked.
       dense, units, length, tail = layer_plan(config)
-      self.dense_stack = (stack_modules([Unit(blocks[i:i + 1]) for i in range(dense)])
+      self.main = main_stack(config)
+      self.repeats = config.pipeline_repeats
+      stacked = lambda units, name: (stack_modules(units, 'stage_layers', self.repeats)
+                                     if name == self.main else stack_modules(units))
+      self.dense_stack = (stacked([Unit(blocks[i:i + 1]) for i in range(dense)], 'dense_stack')
                           if dense else None)
-      self.moe_stack = (stack_modules([Unit(blocks[dense + u * length:dense + (u + 1) * length])
-                                       for u in range(units)]) if units else None)
+      self.moe_stack = (stacked([Unit(blocks[dense + u * length:dense + (u + 1) * length])
+                                 for u in range(units)], 'moe_stack') if units else None)
       self.tail = nnx.List(blocks[len(blocks) - tail:] if tail else [])
       self.plan = (dense, units, length, tail)
     else:
@@ -128,6 +142,7 @@ class Transformer(nnx.Module):
     self.causal = not (config.moe.num_experts and config.moe.router == 'expert_choice')
     self.dtype = jnp.dtype(config.dtype)
     self.mesh = mesh
+    self.stages = 1 if mesh is None else mesh.shape.get('stage', 1)
 
   def __call__(self, tokens_BxL):
     return self.forward(tokens_BxL)[0]
@@ -138,17 +153,22 @@ class Transformer(nnx.Module):
 
     `mask_BxL` marks real tokens (padding is kept out of routing statistics and capacity);
     `capacity_factor` 0 routes dropless. `train=True` enables router jitter (drawn from
-    `rng`) and updates the balancing biases in place. With `segments_BxL` (documents packed
-    into a row, see `data.packing`) a token attends only within its own segment;
-    `positions_BxL` default to 0, 1, … along each row.
+    `rng`). With `segments_BxL` (documents packed into a row, see `data.packing`) a token
+    attends only within its own segment; `positions_BxL` default to 0, 1, … along each row.
+    On a mesh with pipeline stages the inputs may be M microbatches, [M, B, L] (M a multiple
+    of the stages): the main stack then runs as a pipeline over them (`parallel.stages`;
+    microbatch m draws its jitter from `fold_in(rng, m)`), the logits are [M, B, L, V] and
+    the stats those of the M microbatches combined by their declared reductions.
     """
     if mask_BxL is None:
       mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
     if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
-    x_BxLxD = sharding.constrain(x_BxLxD, self.mesh, 'batch', None, None)
-    args = (positions_BxL, segments_BxL, mask_BxL, capacity_factor, train, rng)
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[-1]), tokens_BxL.shape)
+    rows = (positions_BxL, segments_BxL, mask_BxL)
+    if tokens_BxL.ndim == 3:
+      return self._pipelined(tokens_BxL, rows, capacity_factor, train, rng)
+    x_BxLxD = self._embed(tokens_BxL)
+    args = (*rows, capacity_factor, train, rng)
     if self.scan_layers:
       x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)
     else:
@@ -158,10 +178,62 @@ class Transformer(nnx.Module):
         if stats is not None:
           layer_stats.append(stats)
       layer_stats = self._stack(layer_stats)
+    return self._logits(x_BxLxD), layer_stats
+
+  def _embed(self, tokens_BxL):
+    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
+    return sharding.constrain(x_BxLxD, self.mesh, 'batch', None, None)
+
+  def _logits(self, x_BxLxD):
     x_BxLxD = self.final_norm(x_BxLxD)
     unembed = self.embed[...].T if self.unembed is None else self.unembed[...]
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed.astype(self.dtype))
-    return logits_BxLxV.astype(jnp.float32), layer_stats
+    return logits_BxLxV.astype(jnp.float32)
+
+  def _pipelined(self, tokens_MxBxL, rows, capacity_factor, train, rng):
+    """`forward` of microbatches with the main stack run by `stages.run`; the embedding, the
+    dense stack before it and the blocks and head after it split them over the stages."""
+    dense, _, length, tail = self.plan
+    mesh, main = self.mesh, getattr(self, self.main)
+    before = self.dense_stack if self.main == 'moe_stack' else None
+
+    def embed_and_dense(tokens_BxL, positions_BxL, segments_BxL, mask_BxL):
+      x_BxLxD = self._embed(tokens_BxL)
+      if before is not None:
+        x_BxLxD = self._run_stack(before, 0, x_BxLxD, (positions_BxL, segments_BxL, mask_BxL,
+                                                       capacity_factor, train, None))[0]
+      return x_BxLxD
+    x_MxBxLxD = stages.over_stages(embed_and_dense, mesh, tokens_MxBxL, *rows)
+    microbatches = tokens_MxBxL.shape[0]
+    keys_M = (None if rng is None else
+              jax.vmap(lambda m: jax.random.fold_in(rng, m))(jnp.arange(microbatches)))
+    # Every stage holds every microbatch: stage 0 feeds them in, the others pass them on.
+    x_MxBxLxD = sharding.constrain(x_MxBxLxD, mesh, None, 'batch', None, None)
+    graphdef, state = nnx.split(main)
+    units_per_chunk = self.plan[1 if self.main == 'moe_stack' else 0] // (
+        self.stages * self.repeats)
+    start, step = (dense, length) if self.main == 'moe_stack' else (0, 1)
+
+    def stage_fn(chunk_state, x_BxLxD, side, chunk):
+      *row_inputs, key = side
+      firsts = start + step * (chunk * units_per_chunk + jnp.arange(units_per_chunk))
+      x_BxLxD, stats, _ = self._scan_units(graphdef, chunk_state, firsts, x_BxLxD,
+                                           (*row_inputs, capacity_factor, train, key))
+      return x_BxLxD, stats
+    outputs_MxBxLxD, stats = stages.run(
+        stage_fn, nnx.to_pure_dict(state), x_MxBxLxD,
+        rows + (keys_M,), mesh=mesh, repeats=self.repeats)
+
+    def tail_and_head(x_BxLxD, positions_BxL, segments_BxL, mask_BxL):
+      first = self.plan[0] + self.plan[1] * length
+      for offset, block in enumerate(self.tail):
+        x_BxLxD, _ = self._block(block, first + offset, x_BxLxD, positions_BxL, segments_BxL,
+                                 mask_BxL, capacity_factor, train, None)
+      return self._logits(x_BxLxD)
+    logits_MxBxLxV = stages.over_stages(tail_and_head, mesh, outputs_MxBxLxD, *rows)
+    if stats is None:
+      return logits_MxBxLxV, self._stack([])
+    return logits_MxBxLxV, routing_stats.from_microbatch_sums(stats, microbatches)
 
   def _block(self, block, index, x_BxLxD, positions_BxL, segments_BxL, mask_BxL,
              capacity_factor, train, rng):
@@ -187,24 +259,11 @@ class Transformer(nnx.Module):
     """Runs the dense stack, the MoE units and the trailing blocks; stats of MoE layers only."""
     dense, units, length, _ = self.plan
     moe_stats = []
-    for stack, count, start in ((self.dense_stack, dense, 0), (self.moe_stack, units, dense)):
+    for stack, start in ((self.dense_stack, 0), (self.moe_stack, dense)):
       if stack is None:
         continue
-      # Pure dicts of arrays cross the scan: Variables made outside it cannot be mutated inside.
-      graphdef, state = nnx.split(stack)
-      step = len(stack.blocks)
-
-      def body(x_BxLxD, xs, graphdef=graphdef, step=step):
-        state, first = xs
-        unit = nnx.merge(graphdef, state)
-        stats = None
-        for offset, block in enumerate(unit.blocks):
-          x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args)
-          stats = block_stats if block_stats is not None else stats
-        return x_BxLxD, (stats, nnx.to_pure_dict(nnx.state(unit)))
-      firsts = start + step * jnp.arange(count)
-      x_BxLxD, (stats, new_state) = jax.lax.scan(body, x_BxLxD,
-                                                 (nnx.to_pure_dict(state), firsts))
+      x_BxLxD, stats, new_state = self._run_stack(stack, start, x_BxLxD, args)
+      state = nnx.state(stack)
       nnx.replace_by_pure_dict(state, new_state)
       nnx.update(stack, state)
       if stats is not None:
@@ -218,7 +277,35 @@ class Transformer(nnx.Module):
       return x_BxLxD, self._stack([])
     return x_BxLxD, jax.tree.map(lambda *xs: jnp.concatenate(xs), *moe_stats)
 
+  def _run_stack(self, stack, start: int, x_BxLxD, args):
+    """A scanned stack whose first block is layer `start`, one unit after another → (x, the
+    stats of its MoE layers or None, its state as a pure dict, updated by the blocks)."""
+    graphdef, state = nnx.split(stack)
+    state = nnx.to_pure_dict(state)
+    rounds = self.repeats if stack is getattr(self, self.main) else 1
+    # A circular pipeline's [rounds, units / rounds] is the stack in order, row by row.
+    units = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]) if rounds > 1 else a, state)
+    count = jax.tree.leaves(units)[0].shape[0]
+    firsts = start + len(stack.blocks) * jnp.arange(count)
+    x_BxLxD, stats, new_units = self._scan_units(graphdef, units, firsts, x_BxLxD, args)
+    return x_BxLxD, stats, jax.tree.map(lambda a, old: a.reshape(old.shape), new_units, state)
+
+  def _scan_units(self, graphdef, units, firsts, x_BxLxD, args):
+    """`lax.scan` of units (pure-dict state with a leading unit axis; unit i's first block is
+    layer `firsts[i]`) → (x, stacked stats or None, the units' updated state)."""
+    # Pure dicts of arrays cross the scan: Variables made outside it cannot be mutated inside.
+    def body(x_BxLxD, xs):
+      state, first = xs
+      unit = nnx.merge(graphdef, state)
+      stats = None
+      for offset, block in enumerate(unit.blocks):
+        x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args)
+        stats = block_stats if block_stats is not None else stats
+      return x_BxLxD, (stats, nnx.to_pure_dict(nnx.state(unit)))
+    x_BxLxD, (stats, new_units) = jax.lax.scan(body, x_BxLxD, (units, firsts))
+    return x_BxLxD, stats, new_units
+
   def _stack(self, layer_stats):
     if layer_stats:
       return jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
-    return no_routing_stats(self.num_experts)
+    return routing_stats.empty(self.num_experts)

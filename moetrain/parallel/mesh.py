@@ -1,4 +1,4 @@
-"""The device mesh `(data, fsdp, expert, tensor)` built from `config.mesh`."""
+"""The device mesh `(stage, data, fsdp, expert, tensor)` built from `config.mesh`."""
 
 import math
 
@@ -10,7 +10,7 @@ from jax.sharding import AxisType, Mesh
 from moetrain.errors import ConfigError
 from moetrain.parallel import fp8
 
-AXES = ('data', 'fsdp', 'expert', 'tensor')
+AXES = ('stage', 'data', 'fsdp', 'expert', 'tensor')
 # Expert-parallel ranks hold different data too, as in GShard and Switch.
 BATCH_AXES = ('data', 'fsdp', 'expert')
 
@@ -75,20 +75,23 @@ def check_layout(config, shape: tuple[int, ...]) -> None:
 
 
 def slice_grid(shape: tuple[int, ...], devices) -> np.ndarray | None:
-  """Devices of a multi-slice TPU pod arranged as `shape`, the data axis across slices.
+  """Devices of a multi-slice TPU pod arranged as `shape`, the outer axes across slices.
 
-  Only data parallelism crosses the slow links between slices; every other axis stays inside a
-  slice. None when the devices form a single slice.
+  Only pipeline stages and data parallelism cross the slow links between slices (stages
+  first: they send one microbatch's activations per step and stage); every other axis stays
+  inside a slice. None when the devices form a single slice.
   """
   num_slices = len({getattr(device, 'slice_index', 0) for device in devices})
   if num_slices == 1:
     return None
-  if shape[0] % num_slices:
-    raise ConfigError(f'mesh.data={shape[0]} must be a multiple of the {num_slices} slices '
-                      'the devices span (only the data axis crosses slices)')
-  per_slice = (shape[0] // num_slices,) + tuple(shape[1:])
-  return mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices,) + (1,) * (len(shape) - 1),
-                                              devices)
+  stage_slices = math.gcd(shape[0], num_slices)
+  data_slices = num_slices // stage_slices
+  if shape[1] % data_slices:
+    raise ConfigError(f'mesh.stage={shape[0]} × mesh.data={shape[1]} must span the '
+                      f'{num_slices} slices the devices form (only those axes cross slices)')
+  dcn = (stage_slices, data_slices) + (1,) * (len(shape) - 2)
+  per_slice = tuple(size // split for size, split in zip(shape, dcn))
+  return mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices)
 
 
 def make_mesh(config, devices=None) -> Mesh:

@@ -30,6 +30,11 @@ RULES = {
     'expert': 'expert',
     'router': None,
     'layers': None,
+    # Pipeline parallelism: the main layer stack's units (and the activations in flight, one
+    # microbatch per stage) split over the stages; a circular schedule's rounds are not split.
+    'stage_layers': 'stage',
+    'stages': 'stage',
+    'layer_repeats': None,
 }
 
 # The routed experts' weights: w_gate and w_up [E, D, F], w_down [E, F, D].

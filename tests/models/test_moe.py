@@ -168,9 +168,8 @@ def test_sigmoid_router_with_bias_and_groups_matches_the_loop_reference():
                                          jnp.asarray(gates), block.w_gate[...], block.w_up[...],
                                          block.w_down[...], capacity=capacity)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
-  # In training the block moved its bias by ±rate toward balance, outside any gradient.
-  moved = np.asarray(block.router_bias[...]) - np.linspace(-0.2, 0.2, 8)
-  assert set(np.round(np.abs(moved), 6)) <= {0.0, 0.01} and np.abs(moved).max() > 0
+  # The block routes with the bias and leaves it: the step moves it once, by the step's load.
+  np.testing.assert_allclose(block.router_bias[...], np.linspace(-0.2, 0.2, 8), atol=1e-7)
   np.testing.assert_allclose(stats['router_bias'], np.linspace(-0.2, 0.2, 8), atol=1e-7)
 
 

@@ -105,7 +105,7 @@ def test_check_refuses_a_backend_that_cannot_quantise_in_one_line(monkeypatch):
 
 def mesh_of(shape):
   devices = jax.devices()[:int(np.prod(shape))]
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+  return jax.make_mesh((1,) + shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
                        devices=devices)
 
 

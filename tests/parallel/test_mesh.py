@@ -17,13 +17,15 @@ def tiny(*overrides):
 
 
 @pytest.mark.parametrize('axes, devices, expected', [
-    ({'data': -1}, 8, (8, 1, 1, 1)),
-    ({'data': -1, 'expert': 4}, 8, (2, 1, 4, 1)),
-    ({'data': 2, 'fsdp': 2, 'expert': 2}, 8, (2, 2, 2, 1)),
-    ({'data': 1, 'tensor': -1}, 4, (1, 1, 1, 4)),
+    ({'data': -1}, 8, (1, 8, 1, 1, 1)),
+    ({'data': -1, 'expert': 4}, 8, (1, 2, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'expert': 2}, 8, (1, 2, 2, 2, 1)),
+    ({'data': 1, 'tensor': -1}, 4, (1, 1, 1, 1, 4)),
+    ({'stage': 2, 'data': -1, 'expert': 2}, 8, (2, 2, 1, 2, 1)),
 ])
 def test_mesh_shape_fills_the_minus_one_axis(axes, devices, expected):
-  config = tiny(*(f'--config.mesh.{axis}={size}' for axis, size in axes.items()))
+  config = tiny('--config.model.scan_layers=true', '--config.train.microbatches=2',
+               *(f'--config.mesh.{axis}={size}' for axis, size in axes.items()))
   assert mesh_shape(config.mesh, devices) == expected
 
 
@@ -117,18 +119,21 @@ class FakeTpu:
     return f'FakeTpu({self.id}, slice {self.slice_index})'
 
 
-def test_multi_slice_mesh_puts_only_the_data_axis_across_slices():
+def test_multi_slice_mesh_puts_only_the_stage_and_data_axes_across_slices():
   # 2 slices of 8 chips, listed interleaved so that a plain reshape would mix them.
   devices = [FakeTpu(i, slice_index=i % 2) for i in range(16)]
-  grid = slice_grid((4, 2, 2, 1), devices)
-  assert grid.shape == (4, 2, 2, 1)
+  grid = slice_grid((1, 4, 2, 2, 1), devices)
+  assert grid.shape == (1, 4, 2, 2, 1)
   slice_of = np.vectorize(lambda d: d.slice_index)(grid)
   # data rows 0-1 lie in slice 0 and rows 2-3 in slice 1: fsdp, expert, tensor stay inside one.
-  assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+  assert (slice_of[:, :2] == 0).all() and (slice_of[:, 2:] == 1).all()
   assert sorted(d.id for d in grid.flat) == list(range(16))
-  assert slice_grid((8, 1, 1, 1), devices[::2]) is None  # one slice: the plain mesh
-  with pytest.raises(ConfigError, match='mesh.data=1 must be a multiple of the 2 slices'):
-    slice_grid((1, 16, 1, 1), devices)
+  # With stages, the stages take the slices first: each stage is one slice.
+  staged = np.vectorize(lambda d: d.slice_index)(slice_grid((2, 2, 2, 2, 1), devices))
+  assert (staged[0] == 0).all() and (staged[1] == 1).all()
+  assert slice_grid((1, 8, 1, 1, 1), devices[::2]) is None  # one slice: the plain mesh
+  with pytest.raises(ConfigError, match=r'mesh.stage=1 × mesh.data=1 must span the 2 slices'):
+    slice_grid((1, 1, 16, 1, 1), devices)
 
 
 def test_activations_are_pinned_to_the_batch_axes_between_blocks():

@@ -1,0 +1,140 @@
+"""Pipeline parallelism: the main layer stack split over a `stage` mesh axis gives the
+single-device step on every mesh it composes with, under both schedules, holds 1/stages of the
+stack on each device and moves activations between stages by collective-permutes."""
+
+import functools
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from moetrain import config as config_lib, hlo_stats
+from moetrain.models import layout
+from moetrain.parallel import stages
+from moetrain.parallel.mesh import make_mesh
+from moetrain.state import abstract_state, make_setup
+from tests.steps import compiled_train_step, first_gradients, random_batch, train
+
+# 8 MoE layers: 8 units split over 4 stages × 2 rounds as well as over 2 × 1.
+SMALL = ['--config.model.vocab_size=64', '--config.model.d_model=32', '--config.model.d_ff=48',
+         '--config.model.num_layers=8', '--config.model.max_seq_len=16',
+         '--config.model.scan_layers=true', '--config.train.batch_size=16',
+         '--config.train.seq_len=16', '--config.train.microbatches=4',
+         '--config.model.moe.capacity_factor=1.0', '--config.model.moe.min_capacity=1',
+         '--config.train.sample_tokens=0', '--config.train.warmup_steps=2']
+
+MESHES = {
+    'stage2_expert2_fsdp2': ['--config.mesh.stage=2', '--config.mesh.expert=2',
+                             '--config.mesh.fsdp=2', '--config.mesh.data=1'],
+    'stage2_tensor2_data2': ['--config.mesh.stage=2', '--config.mesh.tensor=2',
+                             '--config.mesh.data=2'],
+    'stage4_expert2': ['--config.mesh.stage=4', '--config.mesh.expert=2',
+                       '--config.mesh.data=1'],
+    'stage2_data4': ['--config.mesh.stage=2', '--config.mesh.data=4'],
+}
+SCHEDULES = {'gpipe': [], 'circular': ['--config.model.pipeline_repeats=2']}
+
+
+def small_config(*overrides):
+  return config_lib.load('configs/tiny.py', SMALL + list(overrides))
+
+
+def devices_for(config):
+  return jax.devices()[:math.prod(config.mesh[axis] for axis in
+                                  ('stage', 'data', 'fsdp', 'expert', 'tensor'))]
+
+
+def per_layer(tree, config):
+  """Per-layer names, so that GPipe's [units] and circular's [rounds, units / rounds] compare."""
+  return layout.to_layers(tree, config.model)
+
+
+@functools.cache
+def single_device_step():
+  """(per-layer gradients, metrics) of step one on one device."""
+  config = small_config('--config.mesh.data=1')
+  grads, metrics, _ = first_gradients(config, jax.devices()[:1],
+                                      random_batch(config, padding=3))[0]
+  return per_layer(grads, config), metrics
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+@pytest.mark.parametrize('mesh', MESHES)
+def test_first_step_equals_the_single_device_step(mesh, schedule):
+  expected, single = single_device_step()
+  config = small_config(*MESHES[mesh], *SCHEDULES[schedule])
+  grads, metrics, _ = first_gradients(config, devices_for(config),
+                                      random_batch(config, padding=3))[0]
+  assert single['dropped_fraction'].max() > 0  # capacity drops choices
+  for key in ('loss', 'aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction'):
+    np.testing.assert_allclose(metrics[key], single[key], rtol=2e-5, atol=1e-7, err_msg=key)
+  for name, grad in per_layer(grads, config).items():
+    np.testing.assert_allclose(grad, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+# Twenty steps per mesh, the schedules taking turns over the meshes (each compiles a step).
+@pytest.mark.parametrize('mesh,schedule', [('stage2_expert2_fsdp2', 'circular'),
+                                           ('stage2_tensor2_data2', 'gpipe'),
+                                           ('stage4_expert2', 'circular'),
+                                           ('stage2_data4', 'gpipe')])
+def test_twenty_steps_follow_the_single_device_run(mesh, schedule):
+  batch_at = lambda i: random_batch(small_config(), seed=i)
+  extra = ['--config.model.moe.router=sigmoid', '--config.model.moe.bias_update_rate=0.01']
+  single, _, _ = train(small_config('--config.mesh.data=1', *extra), jax.devices()[:1],
+                       batch_at, 20)
+  config = small_config(*MESHES[mesh], *SCHEDULES[schedule], *extra)
+  losses, _, _ = train(config, devices_for(config), batch_at, 20)
+  assert single[-1] < single[0] - 0.05  # it trains
+  np.testing.assert_allclose(losses, single, rtol=1e-3)
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_each_device_holds_one_stage_of_the_stack_and_its_optimizer_state(schedule):
+  config = small_config('--config.mesh.stage=4', '--config.mesh.data=2', *SCHEDULES[schedule])
+  state = abstract_state(make_setup(config, make_mesh(config, jax.devices()[:8])))
+
+  def stack_bytes(tree, per_device):
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      if 'moe_stack' in jax.tree_util.keystr(path):
+        shape = leaf.sharding.shard_shape(leaf.shape) if per_device else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+  for part in ('params', 'opt_state'):
+    whole, held = stack_bytes(state[part], False), stack_bytes(state[part], True)
+    assert whole > 0
+    np.testing.assert_allclose(held / whole, 1 / 4, rtol=0.05, err_msg=part)
+
+
+def cross_stage_collectives(hlo_text: str, kind: str, stage_of) -> list[tuple[int, ...]]:
+  """Result shapes of the `kind` collectives in compiled HLO whose groups span stages."""
+  shapes = []
+  for line in hlo_text.splitlines():
+    match = re.search(r'= \w+\[([0-9,]*)\][^ ]* ' + kind + r'\((.*)', line)
+    pairs = re.findall(r'\{(\d+),(\d+)\}', match.group(2).split('source_target_pairs=')[-1]
+                       ) if match and kind == 'collective-permute' else []
+    groups = ([[int(a), int(b)] for a, b in pairs] if pairs else
+              hlo_stats.replica_groups(match.group(2)) if match else [])
+    if any(len({stage_of(d) for d in group}) > 1 for group in groups):
+      shapes.append(tuple(int(d) for d in match.group(1).split(',') if d))
+  return shapes
+
+
+def test_the_step_permutes_activations_over_stages_and_gathers_no_stack_weights():
+  config = small_config(*MESHES['stage2_expert2_fsdp2'])
+  text = compiled_train_step(config, devices_for(config))
+  stage_of = lambda device: device // 4  # the stage axis is outermost
+  # Each microbatch's activations [B/M, L, D] on 4 devices, between the two stages.
+  assert (1, 1, 16, 32) in cross_stage_collectives(text, 'collective-permute', stage_of)
+  # All-gathers over stages carry routing scores and the microbatches every stage holds,
+  # never a weight of the stack: those have its 8 units (or 4 per stage) in front.
+  for shape in cross_stage_collectives(text, 'all-gather', stage_of):
+    assert len(shape) < 3 or shape[0] not in (4, 8), shape
+
+
+def test_bubble_fraction_by_hand():
+  assert stages.bubble_fraction(4, 8) == 3 / 11
+  assert stages.bubble_fraction(4, 8, repeats=2) == 3 / 19
+  assert stages.bubble_fraction(1, 8) == 0
