@@ -202,3 +202,29 @@ def test_every_path_field_is_a_string_field_of_the_schema():
   for field in config_lib.PATH_FIELDS:
     section, key = field.split('.')
     assert isinstance(config[section][key], str), field
+
+
+SCANNED = ['--config.model.scan_layers=true']
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.mesh.stage=2', '--config.train.microbatches=2'],
+     r'mesh.stage=2 needs model.scan_layers=True'),
+    ([*SCANNED, '--config.mesh.stage=3', '--config.train.microbatches=4'],
+     r'the 4 units of the main layer stack must split over mesh.stage=3 × '
+     r'model.pipeline_repeats=1'),
+    ([*SCANNED, '--config.mesh.stage=2', '--config.model.pipeline_repeats=4',
+      '--config.train.microbatches=2'],
+     r'the 4 units of the main layer stack must split over mesh.stage=2 × '
+     r'model.pipeline_repeats=4'),
+    ([*SCANNED, '--config.model.pipeline_repeats=3'],
+     r'model.pipeline_repeats=3 must divide the 4 units'),
+    ([*SCANNED, '--config.mesh.stage=4', '--config.train.microbatches=2'],
+     r'train.microbatches=2 must be >= mesh.stage=4'),
+    ([*SCANNED, '--config.mesh.stage=4', '--config.train.microbatches=6',
+      '--config.train.batch_size=24', '--config.model.num_layers=8'],
+     r'train.microbatches=6 must be a multiple of mesh.stage=4'),
+])
+def test_pipeline_stages_name_the_fields(flags, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.load('configs/tiny.py', flags)

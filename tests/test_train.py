@@ -148,3 +148,11 @@ def test_capacity_factor_and_dispatch_refusals_name_the_fields(tmp_path, capsys,
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and all(field in lines[0] for field in fields), lines
   assert not workdir.exists()
+
+
+def test_stages_without_a_scanned_stack(tmp_path):
+  workdir = tmp_path / 'w'
+  expect_one_line_error(run_cli('--config', 'configs/tiny.py', '--workdir', str(workdir),
+                                '--config.mesh.stage=2', '--config.train.microbatches=2'),
+                        'mesh.stage=2 needs model.scan_layers=True')
+  assert not workdir.exists()

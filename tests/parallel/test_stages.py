@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from moetrain import config as config_lib, hlo_stats
+from moetrain import checkpoint, config as config_lib, hlo_stats, trainer
 from moetrain.models import layout
 from moetrain.parallel import stages
 from moetrain.parallel.mesh import make_mesh
-from moetrain.state import abstract_state, make_setup
+from moetrain.state import abstract_state, init_state, make_setup
+from moetrain.steps import make_train_step
 from tests.steps import compiled_train_step, first_gradients, random_batch, train
 
 # 8 MoE layers: 8 units split over 4 stages × 2 rounds as well as over 2 × 1.
@@ -74,17 +75,27 @@ def test_first_step_equals_the_single_device_step(mesh, schedule):
     np.testing.assert_allclose(grad, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
+def batch_at(step):
+  return random_batch(small_config(), seed=step)
+
+
+@functools.cache
+def single_device_run():
+  return train(small_config('--config.mesh.data=1', *BIAS_BALANCED), jax.devices()[:1],
+               batch_at, 20)
+
+
+BIAS_BALANCED = ['--config.model.moe.router=sigmoid', '--config.model.moe.bias_update_rate=0.01']
+
+
 # Twenty steps per mesh, the schedules taking turns over the meshes (each compiles a step).
 @pytest.mark.parametrize('mesh,schedule', [('stage2_expert2_fsdp2', 'circular'),
                                            ('stage2_tensor2_data2', 'gpipe'),
                                            ('stage4_expert2', 'circular'),
                                            ('stage2_data4', 'gpipe')])
 def test_twenty_steps_follow_the_single_device_run(mesh, schedule):
-  batch_at = lambda i: random_batch(small_config(), seed=i)
-  extra = ['--config.model.moe.router=sigmoid', '--config.model.moe.bias_update_rate=0.01']
-  single, _, _ = train(small_config('--config.mesh.data=1', *extra), jax.devices()[:1],
-                       batch_at, 20)
-  config = small_config(*MESHES[mesh], *SCHEDULES[schedule], *extra)
+  single, _, _ = single_device_run()
+  config = small_config(*MESHES[mesh], *SCHEDULES[schedule], *BIAS_BALANCED)
   losses, _, _ = train(config, devices_for(config), batch_at, 20)
   assert single[-1] < single[0] - 0.05  # it trains
   np.testing.assert_allclose(losses, single, rtol=1e-3)
@@ -106,6 +117,40 @@ def test_each_device_holds_one_stage_of_the_stack_and_its_optimizer_state(schedu
     whole, held = stack_bytes(state[part], False), stack_bytes(state[part], True)
     assert whole > 0
     np.testing.assert_allclose(held / whole, 1 / 4, rtol=0.05, err_msg=part)
+
+
+@pytest.mark.parametrize('stage', [1, 4])
+def test_a_checkpoint_saved_with_two_stages_restores_and_resumes_with_other_counts(
+    tmp_path, stage):
+  circular = [*SCHEDULES['circular'], *BIAS_BALANCED]
+
+  def run(config, state_or_none, steps, save_at=None):
+    """(losses, state at `save_at`) of `steps` train steps from `state_or_none` (fresh)."""
+    setup = make_setup(config, make_mesh(config, devices_for(config)))
+    with jax.set_mesh(setup.mesh):
+      state = init_state(setup) if state_or_none is None else state_or_none(setup)
+      step, losses, saved = make_train_step(setup), [], None
+      for i in steps:
+        state, metrics = step(state, trainer.global_batch(setup, batch_at(i)))
+        losses.append(float(metrics['loss']))
+        if i + 1 == save_at:
+          manager = checkpoint.manager(tmp_path)
+          checkpoint.save(manager, i + 1, state, {'data_rows': 0}, config=config)
+          manager.wait_until_finished()
+          saved = jax.device_get(state)
+      return losses, saved
+
+  two = small_config(*MESHES['stage2_expert2_fsdp2'], *circular)
+  uninterrupted, saved = run(two, None, range(4), save_at=2)
+  other = small_config(f'--config.mesh.stage={stage}', '--config.mesh.data=1', *circular)
+
+  def restored(setup):
+    state, _ = checkpoint.restore_latest(checkpoint.manager(tmp_path), abstract_state(setup),
+                                         setup.config, log=lambda line: None)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), saved)  # bit for bit
+    return state
+  resumed, _ = run(other, restored, range(2, 4))
+  np.testing.assert_allclose(resumed, uninterrupted[2:], rtol=1e-5)
 
 
 def cross_stage_collectives(hlo_text: str, kind: str, stage_of) -> list[tuple[int, ...]]:
