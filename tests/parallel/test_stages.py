@@ -65,7 +65,9 @@ def single_device_step():
 @pytest.mark.parametrize('mesh', MESHES)
 def test_first_step_equals_the_single_device_step(mesh, schedule):
   expected, single = single_device_step()
-  config = small_config(*MESHES[mesh], *SCHEDULES[schedule])
+  # One case rematerialises each stage's iteration.
+  remat = ['--config.train.remat=full'] if (mesh, schedule) == ('stage4_expert2', 'gpipe') else []
+  config = small_config(*MESHES[mesh], *SCHEDULES[schedule], *remat)
   grads, metrics, _ = first_gradients(config, devices_for(config),
                                       random_batch(config, padding=3))[0]
   assert single['dropped_fraction'].max() > 0  # capacity drops choices
