@@ -65,7 +65,7 @@ class Exchange:
   @property
   def groups(self) -> list[list[int]]:
     """Device ids of each group of the 'expert' axis: the exchange's replica groups."""
-    sizes = [self.mesh[axis] for axis in AXES]
+    sizes = [self.mesh.get(axis, 1) for axis in AXES]
     ids = np.moveaxis(np.arange(math.prod(sizes)).reshape(sizes), AXES.index('expert'), -1)
     return ids.reshape(-1, self.mesh['expert']).tolist()
 

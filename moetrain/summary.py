@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moetrain import stage_cost
 from moetrain.models import layout
 from moetrain.parallel import sharding
 from moetrain.state import build_model
@@ -70,22 +71,41 @@ def _bytes_per_device(tree, shardings) -> float:
   return total
 
 
-def memory_per_device(setup, abstract_state) -> dict:
-  """Estimated bytes per device: 'params', 'optimizer' (exact, from the shardings),
-  'activations' (a rule of thumb) and their 'total'."""
-  config = setup.config
+def layer_token_bytes(config, heads_shards: int = 1, remat: str | None = None) -> float:
+  """Activation bytes one layer keeps per token for the backward pass, by `remat` (default
+  `train.remat`; with the float32 attention scores of the heads on this device when nothing
+  is rematerialised)."""
   m, t = config.model, config.train
+  remat = t.remat if remat is None else remat
+  width = np.dtype(m.dtype).itemsize
+  scores = m.num_heads / heads_shards * t.seq_len * 4 if remat == 'none' else 0
+  return _ACTIVATION_FACTOR[remat] * m.d_model * width + scores
+
+
+def activation_bytes(config, mesh_shape: dict, heads_shards: int = 1) -> float:
+  """Estimated activation bytes per device on a mesh of these (resolved) axis sizes: each
+  layer's `layer_token_bytes` for the tokens of one microbatch, plus float32 logits and their
+  gradient; with pipeline stages, `stage_cost.pipeline_activations` (every iteration's
+  residuals of the stage's units, the blocks outside the stack, the microbatch buffers)."""
+  m, t = config.model, config.train
+  per_layer, per_logit = layer_token_bytes(config, heads_shards), m.vocab_size * 4 * 2
+  if mesh_shape.get('stage', 1) > 1:
+    recomputed = layer_token_bytes(config, heads_shards, remat='none')
+    return sum(stage_cost.pipeline_activations(config, mesh_shape, per_layer, per_logit,
+                                               recomputed).values())
+  tokens = t.batch_size * t.seq_len / stage_cost.batch_shards(mesh_shape) / t.microbatches
+  return tokens * (m.num_layers * per_layer + per_logit)
+
+
+def memory_per_device(setup, abstract_state) -> dict:
+  """Estimated bytes per device: 'params', 'optimizer' (exact, from the shardings: with
+  stages, one stage's share of the stack), 'activations' (a rule of thumb, `activation_bytes`)
+  and their 'total'."""
   shardings = setup.state_shardings
   params = _bytes_per_device(abstract_state['params'], shardings['params'])
   optimizer = _bytes_per_device(abstract_state['opt_state'], shardings['opt_state'])
-  batch_devices = sharding.shards(setup.mesh, 'batch')
-  tokens = t.batch_size * t.seq_len / batch_devices / t.microbatches
-  width = np.dtype(m.dtype).itemsize
-  heads = m.num_heads / sharding.shards(setup.mesh, 'heads')
-  activations = tokens * m.num_layers * (
-      _ACTIVATION_FACTOR[t.remat] * m.d_model * width
-      + (heads * t.seq_len * 4 if t.remat == 'none' else 0))  # float32 attention scores
-  activations += tokens * m.vocab_size * 4 * 2  # float32 logits and their gradient
+  activations = activation_bytes(setup.config, dict(setup.mesh.shape),
+                                 sharding.shards(setup.mesh, 'heads'))
   return {'params': params, 'optimizer': optimizer, 'activations': activations,
           'total': params + optimizer + activations}
 
@@ -112,6 +132,9 @@ def describe(setup, abstract_state) -> list[str]:
       f'memory per device (estimate): {_gib(memory["total"])} = params '
       f'{_gib(memory["params"])} + optimizer {_gib(memory["optimizer"])} + activations '
       f'{_gib(memory["activations"])}']
+  if setup.mesh.shape.get('stage', 1) > 1:
+    lines.append(stage_cost.describe(config, dict(setup.mesh.shape))
+                 + '; the memory above is one stage\'s')
   try:
     limit = (devices[0].memory_stats() or {}).get('bytes_limit')
   except (AttributeError, NotImplementedError, RuntimeError):  # no figure on this platform

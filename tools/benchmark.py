@@ -6,7 +6,7 @@
   python tools/benchmark.py input [--config configs/tiny.py] [--workers 0 1 2]
   python tools/benchmark.py train [--config configs/tiny.py] [--config.a.b=v …]
   python tools/benchmark.py model --config configs/mixtral_8x7b.py [--devices 8]
-      [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--config.a.b=v …]
+      [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--pick-stages] [--config.a.b=v …]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each way of
 computing it (the capacity buffers' two backends at --capacity-factor, and dropless), next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -33,6 +33,9 @@ device sends per collective kind, peak memory per device, and a roofline estimat
 and MFU per chip; then, per chip, the bytes each device sends inside its node and across nodes
 and the communication left exposed with the expert exchange run flat, overlapped in chunks,
 two-level, in FP8 and all combined (`tools/exchange_compare.py` times those on accelerators).
+With pipeline stages (`--mesh stage=S`) it compiles one stage on N/S devices and models the
+pipeline (`moetrain.pipeline_model`): bubble, bytes sent between stages, one stage's memory.
+`--pick-stages` models every stage count the config can run with and picks one per chip.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint

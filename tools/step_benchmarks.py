@@ -12,9 +12,9 @@ import jax
 import numpy as np
 
 from moetrain import config as config_lib
-from moetrain import cost_model, hardware, summary, trainer
+from moetrain import cost_model, hardware, pipeline_model, stage_cost, summary, trainer
 from moetrain.errors import ConfigError
-from moetrain.parallel.mesh import make_mesh
+from moetrain.parallel.mesh import AXES, make_mesh, mesh_shape
 from moetrain.state import init_state, make_setup
 from moetrain.steps import make_train_step
 
@@ -109,11 +109,18 @@ def ensure_cpu_devices(count: int) -> None:
 
 
 def model(args) -> None:
-  ensure_cpu_devices(cpu_devices_needed(args))
+  devices = cpu_devices_needed(args)
+  ensure_cpu_devices(devices)
   config = _with_mesh(config_lib.load(args.config, args.overrides), args.mesh)
-  print(f'{args.config}: compiling the train step for {jax.device_count()} CPU devices '
-        'standing in for the target …', flush=True)
-  cost = cost_model.step_cost(config)
+  if args.pick_stages:
+    _pick_stages(args, config, devices)
+    return
+  config.mesh.update(dict(zip(AXES, mesh_shape(config.mesh, devices))))
+  stages = config.mesh.stage
+  print(f'{args.config}: compiling the train step for {devices // stages} CPU devices '
+        f'standing in for {"one stage of " if stages > 1 else ""}the target …', flush=True)
+  cost = (pipeline_model.pipelined_cost(config, devices) if stages > 1 else
+          cost_model.step_cost(config, jax.devices()[:devices]))
   hand = cost_model.hand_flops(config)
   rows = [cost_model.roofline(cost, hand['model'], hardware.CHIPS[name]) for name in args.chips]
   mesh = ' '.join(f'{a}={s}' for a, s in cost.mesh.items())
@@ -121,19 +128,24 @@ def model(args) -> None:
   gib = lambda value: f'{value / 2**30:.1f} GiB'
   print(f'mesh {mesh}; compiled in {cost.compile_seconds:.0f} s; {cost.tokens:,} tokens per '
         f'step; model FLOPs {hand["model"]:.3g} per step (6·active weights·tokens + attention)')
+  if stages > 1:
+    _print_pipeline(config, cost, args.chips)
   print('per device and step:')
   print(f'  FLOPs            {cost.flops:.3g} (XLA cost analysis {cost.xla_flops:.3g} with loop '
         f'bodies once; × devices / hand count of hardware FLOPs = '
-        f'{cost_model.flops_ratio(cost, hand):.3f})')
+        f'{cost_model.flops_ratio(cost, hand):.3f}'
+        f'{"; the bubble computes on placeholders" if stages > 1 else ""})')
   print(f'  bytes accessed   {cost.bytes_accessed:.3g} by XLA:CPU (with loop trips; XLA counts '
         f'{cost.xla_bytes_accessed:.3g}); an accelerator moves at least '
         f'{cost.minimum_traffic:.3g}')
   for kind, sent in sorted(cost.collective_bytes.items()):
     print(f'  {kind:<16} {gib(sent)} sent (groups of up to {cost.collective_groups[kind]})')
   print(f'  memory (XLA:CPU) peak {gib(memory["peak"])}: arguments {gib(memory["argument"])}, '
-        f'temporaries {gib(memory["temp"])} (float32 dot temporaries on CPU)')
+        f'temporaries {gib(memory["temp"])} (float32 dot temporaries on CPU'
+        f'{"; one stage, one microbatch, no pipeline" if stages > 1 else ""})')
   print(f'  memory estimate  {gib(estimate["total"])} = params {gib(estimate["params"])} + '
-        f'optimizer {gib(estimate["optimizer"])} + activations {gib(estimate["activations"])}')
+        f'optimizer {gib(estimate["optimizer"])} + activations {gib(estimate["activations"])}'
+        f'{" (one stage)" if stages > 1 else ""}')
   header = (f'{"chip":<24} {"step s":>8} {"overlap s":>9} {"MFU":>6} {"tokens/s":>12} '
             f'{"compute s":>9} {"HBM s":>7} {"comm s":>7} {"exposed s":>9} fits')
   print(header)
@@ -147,6 +159,50 @@ def model(args) -> None:
   _write(args.json, {'config': args.config, 'overrides': args.overrides, 'mesh': cost.mesh,
                      'hand_flops': hand, **{k: v for k, v in vars(cost).items() if k != 'mesh'},
                      'roofline': rows, 'exchange_variants': exchanges})
+
+
+def _print_pipeline(config, cost, chips) -> None:
+  """The schedule, the bytes over the stage axis and one stage's activations."""
+  mib = lambda value: f'{value / 2**20:.1f} MiB'
+  links = ', '.join(f'{hardware.CHIPS[name].link_names[cost.stage_link[size] == "inter"]} on '
+                    f'{name}' for name in chips
+                    for size in [hardware.CHIPS[name].node_size])
+  print(stage_cost.describe(config, cost.mesh) + f', {mib(cost.stage_bytes["gradients"])} '
+        f'reducing the gradients of the weights outside the stack (over {links})')
+  per_layer = summary.layer_token_bytes(config, cost.mesh['tensor'])
+  recomputed = summary.layer_token_bytes(config, cost.mesh['tensor'], remat='none')
+  parts = stage_cost.pipeline_activations(config, cost.mesh, per_layer,
+                                          config.model.vocab_size * 8, recomputed)
+  print('one stage keeps activations of ' + ', '.join(
+      f'{name} {value / 2**30:.1f} GiB' for name, value in parts.items()))
+
+
+def _pick_stages(args, config, devices: int) -> None:
+  """Every stage count the config can run with on `devices`, and the one each chip needs."""
+  print(f'{args.config}: stage counts for {devices} devices, each compiled on CPU stand-ins '
+        '…', flush=True)
+  rows = pipeline_model.stage_cost_rows(config, devices, args.chips)
+  gib = lambda value: f'{value / 2**30:6.1f}'
+  for chip in args.chips:
+    print(hardware.CHIPS[chip].name)
+    print(f'  {"stages":>6} {"micro":>5} {"mesh":<36} {"bubble":>6} {"memory GiB":>10} '
+          f'{"step s":>8} {"compute s":>9} {"exposed s":>9} {"of compute":>10} {"MFU":>6} fits')
+    for row in rows:
+      cost, line = row['cost'], row['roofline'][chip]
+      mesh = ' '.join(f'{a}={s}' for a, s in cost.mesh.items() if a != 'stage')
+      bubble = getattr(cost, 'bubble', 0.0)
+      print(f'  {row["stages"]:6d} {row["microbatches"]:5d} {mesh:<36} {bubble:6.1%} '
+            f'{gib(cost.estimated_memory["total"])}     {line["step_s"]:8.3f} '
+            f'{line["compute_s"]:9.3f} {line["exposed_comm_s"]:9.3f} '
+            f'{line["exposed_comm_s"] / line["compute_s"]:10.1%} {100 * line["mfu"]:5.1f}% '
+            f'{"yes" if line["fits"] else "NO"}')
+    fewest = pipeline_model.pick_stages(rows, chip)
+    fastest = pipeline_model.pick_stages(rows, chip, by='time')
+    print('  picked: ' + ('none fits' if fewest is None else
+                          f'{fewest["stages"]} (fewest that fit), {fastest["stages"]} (fastest '
+                          'that fits)'))
+  _write(args.json, {'config': args.config, 'overrides': args.overrides, 'devices': devices,
+                     'rows': [{**row, 'cost': vars(row['cost'])} for row in rows]})
 
 
 def _print_exchange(cost, chip) -> list:
@@ -195,6 +251,9 @@ def add_parsers(commands) -> None:
                     help='number of devices (needed when a mesh axis is -1)')
   plan.add_argument('--chips', nargs='+', choices=sorted(hardware.CHIPS),
                     default=['h100', 'tpu-v5p'])
+  plan.add_argument('--pick-stages', action='store_true',
+                    help='model every pipeline stage count the config can run with on these '
+                    'devices and pick the fewest that fit each chip')
   plan.add_argument('--json', help='also write the results to this JSON file')
   plan.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
   plan.set_defaults(run=model)

@@ -30,9 +30,15 @@ import jax.numpy as jnp
 from moetrain.parallel import sharding
 
 
+def iterations(stages: int, microbatches: int, repeats: int = 1) -> int:
+  """T = M·R + S − 1: the schedule's iterations, every stage busy or idle in each."""
+  return microbatches * repeats + stages - 1
+
+
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
-  """The share of each stage's iterations spent idle (filling and draining the pipeline)."""
-  return (stages - 1) / (microbatches * repeats + stages - 1)
+  """(S − 1) / T: the share of each stage's iterations spent idle (filling and draining the
+  pipeline)."""
+  return (stages - 1) / iterations(stages, microbatches, repeats)
 
 
 def run(stage_fn, weights, x_MxBxLxD, side, *, mesh, repeats: int):
@@ -98,7 +104,8 @@ def run(stage_fn, weights, x_MxBxLxD, side, *, mesh, repeats: int):
   totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                         jax.eval_shape(lambda: run_stages(state_SxBxLxD, 0)[1]))
   (_, held_SxMxBxLxD, totals), _ = jax.lax.scan(
-      iteration, (state_SxBxLxD, held_SxMxBxLxD, totals), jnp.arange(passes + stages - 1))
+      iteration, (state_SxBxLxD, held_SxMxBxLxD, totals),
+      jnp.arange(iterations(stages, microbatches, repeats)))
   stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:]), totals)
   return held_SxMxBxLxD[0], stats
 

@@ -12,7 +12,6 @@ import pytest
 
 from moetrain import checkpoint, config as config_lib, hlo_stats, trainer
 from moetrain.models import layout
-from moetrain.parallel import stages
 from moetrain.parallel.mesh import make_mesh
 from moetrain.state import abstract_state, init_state, make_setup
 from moetrain.steps import make_train_step
@@ -179,9 +178,3 @@ def test_the_step_permutes_activations_over_stages_and_gathers_no_stack_weights(
   # never a weight of the stack: those have its 8 units (or 4 per stage) in front.
   for shape in cross_stage_collectives(text, 'all-gather', stage_of):
     assert len(shape) < 3 or shape[0] not in (4, 8), shape
-
-
-def test_bubble_fraction_by_hand():
-  assert stages.bubble_fraction(4, 8) == 3 / 11
-  assert stages.bubble_fraction(4, 8, repeats=2) == 3 / 19
-  assert stages.bubble_fraction(1, 8) == 0
