@@ -8,8 +8,7 @@ The batch's M = `train.microbatches` microbatches go through it in T = M·R + S 
 in each, every stage runs one microbatch of B/M sequences through one of its chunks (idle stages
 compute on placeholders and are masked, so every stage computes in all T), then sends its
 output on around a ring (the last stage's to stage 0, which holds it for the next round). The
-loop is differentiated as a whole: all forwards, then all backwards (GPipe's order); with
-`train.remat` each stage's iteration is recomputed whole in the backward pass. The embedding, the leading dense blocks, the trailing blocks, the
+loop is differentiated as a whole: all forwards, then all backwards (GPipe's order). The embedding, the leading dense blocks, the trailing blocks, the
 final norm, the head and the loss run before and after it with the batch split over the stages
 too, so nothing there is computed twice.
 
@@ -87,14 +86,12 @@ def stage_link(mesh: dict, node_size: int) -> str:
 
 
 def pipeline_activations(config, mesh: dict, layer_token_bytes: float,
-                         logit_token_bytes: float, recomputed_token_bytes: float) -> dict:
+                         logit_token_bytes: float) -> dict:
   """Activation bytes a device keeps for the backward pass with stages, from the bytes one
-  layer keeps per token (`layer_token_bytes`, by `train.remat`; `recomputed_token_bytes`
-  without remat) and the logits' per token:
-  - 'stack': without remat every iteration's residuals of the K units it ran on one
-    microbatch of b = B/M over the batch shards, all T kept: T·K·l·b·L·layer_token_bytes
-    (l blocks per unit); with remat each iteration's input, T·A, plus one iteration
-    recomputed at a time, K·l·b·L·recomputed_token_bytes;
+  layer keeps per token (`layer_token_bytes`, by `train.remat`) and the logits' per token:
+  - 'stack': every iteration's residuals of the K units it ran on one microbatch of b = B/M
+    over the batch shards, all T kept until the backward pass: T·K·l·b·L·layer_token_bytes
+    (l blocks per unit);
   - 'outside': the blocks before and after the stack and the head on the batch split over the
     stages: (dense + tail)·(B/(S·shards))·L·layer_token_bytes + the same tokens' logits;
   - 'buffers': the microbatches' inputs, held by every stage, and stage 0's ring buffer of
@@ -107,11 +104,7 @@ def pipeline_activations(config, mesh: dict, layer_token_bytes: float,
   micro_tokens = t.batch_size / t.microbatches / shards * t.seq_len
   stage_tokens = t.batch_size / stages / shards * t.seq_len
   blocks = chunk_units(config, stages) * (length if units else 1)
-  if t.remat == 'none':
-    stack = steps * blocks * micro_tokens * layer_token_bytes
-  else:
-    stack = (steps * microbatch_bytes(config, mesh)
-             + blocks * micro_tokens * recomputed_token_bytes)
+  stack = steps * blocks * micro_tokens * layer_token_bytes
   outside = stage_tokens * (outside_layers * layer_token_bytes + logit_token_bytes)
   buffers = 2 * t.microbatches * microbatch_bytes(config, mesh)
   return {'stack': stack, 'outside': outside, 'buffers': buffers}

@@ -71,12 +71,11 @@ def _bytes_per_device(tree, shardings) -> float:
   return total
 
 
-def layer_token_bytes(config, heads_shards: int = 1, remat: str | None = None) -> float:
-  """Activation bytes one layer keeps per token for the backward pass, by `remat` (default
-  `train.remat`; with the float32 attention scores of the heads on this device when nothing
-  is rematerialised)."""
+def layer_token_bytes(config, heads_shards: int = 1) -> float:
+  """Activation bytes one layer keeps per token for the backward pass, by `train.remat` (with
+  the float32 attention scores of the heads on this device when nothing is rematerialised)."""
   m, t = config.model, config.train
-  remat = t.remat if remat is None else remat
+  remat = t.remat
   width = np.dtype(m.dtype).itemsize
   scores = m.num_heads / heads_shards * t.seq_len * 4 if remat == 'none' else 0
   return _ACTIVATION_FACTOR[remat] * m.d_model * width + scores
@@ -90,9 +89,8 @@ def activation_bytes(config, mesh_shape: dict, heads_shards: int = 1) -> float:
   m, t = config.model, config.train
   per_layer, per_logit = layer_token_bytes(config, heads_shards), m.vocab_size * 4 * 2
   if mesh_shape.get('stage', 1) > 1:
-    recomputed = layer_token_bytes(config, heads_shards, remat='none')
-    return sum(stage_cost.pipeline_activations(config, mesh_shape, per_layer, per_logit,
-                                               recomputed).values())
+    return sum(stage_cost.pipeline_activations(config, mesh_shape, per_layer,
+                                               per_logit).values())
   tokens = t.batch_size * t.seq_len / stage_cost.batch_shards(mesh_shape) / t.microbatches
   return tokens * (m.num_layers * per_layer + per_logit)
 

@@ -75,15 +75,10 @@ def test_stages_cross_nodes_when_a_stage_fills_one():
 
 def test_pipeline_activations_by_hand():
   config = small_config('--config.train.microbatches=4', '--config.train.remat=full')
-  per_layer, per_logit, recomputed = 1000.0, 10.0, 3000.0
-  parts = stage_cost.pipeline_activations(config, MESH, per_layer, per_logit, recomputed)
+  per_layer, per_logit = 1000.0, 10.0
+  parts = stage_cost.pipeline_activations(config, MESH, per_layer, per_logit)
   micro_tokens, stage_tokens = 2 * 128, 4 * 128  # per device: 32/4/4 and 32/2/4 sequences
-  one = stage_cost.microbatch_bytes(config, MESH)
-  # T = 5 iteration inputs kept, one iteration of K = 2 units recomputed at a time.
-  assert parts['stack'] == 5 * one + 2 * micro_tokens * recomputed
-  kept = small_config('--config.train.microbatches=4')
-  assert stage_cost.pipeline_activations(kept, MESH, per_layer, per_logit, recomputed)[
-      'stack'] == 5 * 2 * micro_tokens * per_layer  # without remat: every unit's residuals
+  assert parts['stack'] == 5 * 2 * micro_tokens * per_layer  # T = 5 iterations of K = 2 units
   assert parts['outside'] == stage_tokens * (1 * per_layer + per_logit)  # the dense block
   assert parts['buffers'] == 2 * 4 * stage_cost.microbatch_bytes(config, MESH)
   assert summary.layer_token_bytes(config) == 256 * 2  # the block's bf16 input
@@ -96,7 +91,7 @@ def test_summary_reports_the_pipeline():
   memory = summary.memory_per_device(setup, state)
   per_layer = summary.layer_token_bytes(config)
   assert memory['activations'] == pytest.approx(sum(stage_cost.pipeline_activations(
-      config, dict(setup.mesh.shape), per_layer, 512 * 8, per_layer).values()))
+      config, dict(setup.mesh.shape), per_layer, 512 * 8).values()))
   line, = [line for line in summary.describe(setup, state) if line.startswith('pipeline:')]
   assert line.startswith('pipeline: 2 stages × 1 repeat (GPipe), 4 microbatches, 5 '
                          'iterations of 2 of the 4 stack units: bubble 20%; per step and device '

@@ -170,9 +170,8 @@ def _print_pipeline(config, cost, chips) -> None:
   print(stage_cost.describe(config, cost.mesh) + f', {mib(cost.stage_bytes["gradients"])} '
         f'reducing the gradients of the weights outside the stack (over {links})')
   per_layer = summary.layer_token_bytes(config, cost.mesh['tensor'])
-  recomputed = summary.layer_token_bytes(config, cost.mesh['tensor'], remat='none')
   parts = stage_cost.pipeline_activations(config, cost.mesh, per_layer,
-                                          config.model.vocab_size * 8, recomputed)
+                                          config.model.vocab_size * 8)
   print('one stage keeps activations of ' + ', '.join(
       f'{name} {value / 2**30:.1f} GiB' for name, value in parts.items()))
 

@@ -218,13 +218,8 @@ class Transformer(nnx.Module):
       *row_inputs, key = side
       firsts = start + step * (chunk * units_per_chunk + jnp.arange(units_per_chunk))
       x_BxLxD, stats, _ = self._scan_units(graphdef, chunk_state, firsts, x_BxLxD,
-                                           (*row_inputs, capacity_factor, train, key),
-                                           remat='none')
+                                           (*row_inputs, capacity_factor, train, key))
       return x_BxLxD, stats
-    if self.remat != 'none':
-      # Rematerialised per stage and iteration rather than per block: between the forward and
-      # the backward pass each stage keeps one [B, L, D] input per iteration.
-      stage_fn = jax.checkpoint(stage_fn, policy=REMAT_POLICIES[self.remat])
     outputs_MxBxLxD, stats = stages.run(
         stage_fn, nnx.to_pure_dict(state), x_MxBxLxD,
         rows + (keys_M,), mesh=mesh, repeats=self.repeats)
@@ -241,12 +236,10 @@ class Transformer(nnx.Module):
     return logits_MxBxLxV, routing_stats.from_microbatch_sums(stats, microbatches)
 
   def _block(self, block, index, x_BxLxD, positions_BxL, segments_BxL, mask_BxL,
-             capacity_factor, train, rng, remat=None):
-    """One block, rematerialised by `remat` (default: the model's policy); layer `index`
-    draws its jitter from `fold_in(rng, index)`."""
+             capacity_factor, train, rng):
+    """One block; layer `index` draws its jitter from `fold_in(rng, index)`."""
     layer_rng = None if rng is None else jax.random.fold_in(rng, index)
-    remat = self.remat if remat is None else remat
-    if remat == 'none':
+    if self.remat == 'none':
       return block(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                    layer_rng)
     graphdef, state = nnx.split(block)
@@ -256,7 +249,7 @@ class Transformer(nnx.Module):
       out = block(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                   layer_rng)
       return out, nnx.to_pure_dict(nnx.state(block))
-    out, new_state = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])(
+    out, new_state = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])(
         nnx.to_pure_dict(state), x_BxLxD, layer_rng)
     nnx.replace_by_pure_dict(state, new_state)
     nnx.update(block, state)
@@ -297,17 +290,16 @@ class Transformer(nnx.Module):
     x_BxLxD, stats, new_units = self._scan_units(graphdef, units, firsts, x_BxLxD, args)
     return x_BxLxD, stats, jax.tree.map(lambda a, old: a.reshape(old.shape), new_units, state)
 
-  def _scan_units(self, graphdef, units, firsts, x_BxLxD, args, remat=None):
+  def _scan_units(self, graphdef, units, firsts, x_BxLxD, args):
     """`lax.scan` of units (pure-dict state with a leading unit axis; unit i's first block is
-    layer `firsts[i]`; blocks rematerialised by `remat`, see `_block`) → (x, stacked stats or
-    None, the units' updated state)."""
+    layer `firsts[i]`) → (x, stacked stats or None, the units' updated state)."""
     # Pure dicts of arrays cross the scan: Variables made outside it cannot be mutated inside.
     def body(x_BxLxD, xs):
       state, first = xs
       unit = nnx.merge(graphdef, state)
       stats = None
       for offset, block in enumerate(unit.blocks):
-        x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args, remat=remat)
+        x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args)
         stats = block_stats if block_stats is not None else stats
       return x_BxLxD, (stats, nnx.to_pure_dict(nnx.state(unit)))
     x_BxLxD, (stats, new_units) = jax.lax.scan(body, x_BxLxD, (units, firsts))

@@ -17,11 +17,12 @@ stage 0 needs it.
 
 Why this schedule: it is the one that autodiff of a loop gives. The loop is differentiated as a
 whole, so the backward pass runs the iterations in reverse: GPipe's order (all forwards, then
-all backwards), not 1F1B. What lives between them is each iteration's residuals; with
-`train.remat` the caller rematerialises each stage's whole iteration, so a stage keeps one
-[B, L, D] input per iteration (M·R + S − 1 of them) and recomputes one iteration at a time.
-1F1B would keep at most S microbatches in flight without recomputing, but needs a hand-written
-backward schedule; the bubble, (S − 1) / (M·R + S − 1) of every stage's time, is the same.
+all backwards), not 1F1B. What lives between them is each iteration's residuals: with
+`train.remat` only the blocks' inputs ([b, L, D] per block, iteration and stage). 1F1B would
+bound that to S microbatches, but needs a hand-written backward schedule; the bubble,
+(S − 1) / (M·R + S − 1) of every stage's time, is the same. (Rematerialising a stage's whole
+iteration instead keeps one input per iteration but, in a deep stage, every block's full
+activations during the recompute: more, not less, for DeepSeek-V3's 29-unit stages.)
 """
 
 import jax

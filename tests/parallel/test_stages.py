@@ -51,7 +51,7 @@ def per_layer(tree, config):
   return layout.to_layers(tree, config.model)
 
 
-# Two cases vary what runs inside the stages: one rematerialises each stage's iteration, one
+# Two cases vary what runs inside the stages: one rematerialises every block, one
 # routes dropless (the expert exchange's ragged form).
 VARIANTS = {('stage4_expert2', 'gpipe'): ['--config.train.remat=full'],
             ('stage4_expert2', 'circular'): ['--config.model.moe.capacity_factor=0']}
