@@ -47,6 +47,8 @@ HOW = {
     'tools/train_tokenizer.py': "trains on the reader's own corpus: the flags, the config and "
                                 'its overrides parse',
     'tools/plot_metrics.py': 'needs a run\'s metrics: the flags parse',
+    'tools/golden_losses.py': 'trains two small configs (tests/test_golden.py does): the flags '
+                              'parse',
     'tools/benchmark.py': 'compiles and times train steps for minutes: the flags, the config '
                           'and its overrides parse',
     'pip install': 'downloads and installs packages: the extras it names exist in setup.py',
