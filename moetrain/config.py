@@ -150,6 +150,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # the latest checkpoints kept; older ones are deleted
   t.permanent_every = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
   t.max_nonfinite_steps = 10  # consecutive non-finite steps (update skipped) before the run stops
+  # A step (with its eval or checkpoint) that does not finish in time stops the run, every
+  # thread's stack written into the workdir; the first step, which compiles, is never timed.
+  t.step_timeout_s = 'auto'  # seconds > 0, or auto: 10 × the median step, at least 300 s
   t.profile_steps = 0  # JAX-profile this many steps (from the 2nd) into the workdir; 0: none
 
   c.init = i = ml_collections.ConfigDict()

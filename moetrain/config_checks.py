@@ -3,6 +3,7 @@
 Runs before any device work; every ConfigError names the field and what is wrong with it.
 """
 
+from moetrain import watchdog
 from moetrain.errors import ConfigError
 from moetrain.models.transformer import layer_plan
 
@@ -125,6 +126,11 @@ def validate(config) -> None:
   if sum(config.mesh[a] == -1 for a in axes) > 1:
     raise ConfigError('at most one of ' + ', '.join(f'mesh.{a}' for a in axes) + ' may be -1')
   _validate_stages(config)
+  try:
+    watchdog.timeout_from(t.step_timeout_s)
+  except ValueError:
+    raise ConfigError(f'train.step_timeout_s={t.step_timeout_s!r} must be auto or a number of '
+                      'seconds > 0') from None
 
 
 def _validate_stages(config):

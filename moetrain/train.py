@@ -16,7 +16,7 @@ import sys
 import uuid
 
 from moetrain import config as config_lib
-from moetrain import interrupts, paths
+from moetrain import interrupts, paths, watchdog
 from moetrain.errors import ConfigError
 
 SAMPLE_PROMPT = 'import os\n\n\ndef '
@@ -198,13 +198,15 @@ def run(config, workdir_path: str, guard=None) -> dict:
     if guard is not None:
       guard.disarm()
     watch = checkpoint.PreemptionWatch(checkpoints)
+    hang = watchdog.StepWatchdog(watchdog.timeout_from(t.step_timeout_s), workdir,
+                                 checkpoints.latest_step)
     try:
       # Only the lead process draws the bar and prints eval lines.
       with (tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
-                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress:
+                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress, hang:
         state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
                                             progress, save=save, stop_requested=watch,
-                                            trace_dir=workdir)
+                                            trace_dir=workdir, finished=hang.beat)
     finally:
       watch.close()
       checkpoints.wait_until_finished()

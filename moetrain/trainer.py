@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from moetrain import hardware, summary as summary_lib
+from moetrain import hardware, summary as summary_lib, watchdog
 from moetrain.state import Setup
 from moetrain.steps import make_eval_step, make_train_step
 
@@ -188,7 +188,7 @@ class CheckpointHook:
 
 
 def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=None, *,
-               save=None, stop_requested=None, trace_dir=None):
+               save=None, stop_requested=None, trace_dir=None, finished=None):
   """Runs steps up to `config.train.steps` with logging, eval and checkpoints.
 
   `progress`, if given, is a tqdm-like bar advanced once per step. `save(step, state)` starts a
@@ -197,7 +197,8 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
   gradient leave the state unchanged and are counted; `train.max_nonfinite_steps` of them in
   a row raise NonFiniteError. With `train.profile_steps` = n and a `trace_dir`, this run's
   steps 2 … n+1 (the first compiles) are traced with the JAX profiler into `trace_dir`, where
-  TensorBoard's profile plugin finds them. Returns (state, summary).
+  TensorBoard's profile plugin finds them. `finished(step)`, if given, is told when each step
+  and its periodic actions are done (`watchdog.StepWatchdog.beat`). Returns (state, summary).
   """
   t = setup.config.train
   train_step = make_train_step(setup)
@@ -213,9 +214,12 @@ def train_loop(setup: Setup, state, train_iter, eval_batches, writer, progress=N
   if progress is not None:
     hooks.append(lambda step, state, metrics: progress.update(1))
   hooks.append(CheckpointHook(t, save, stop_requested, summary))
+  if finished is not None:
+    hooks.append(lambda step, state, metrics: finished(step))
   try:
     for step in range(start_step + 1, t.steps + 1):
       profile.before(step)
+      watchdog.injected_hang(step)
       state, metrics = train_step(state, global_batch(setup, next(train_iter)))
       for hook in hooks:
         hook(step, state, metrics)
