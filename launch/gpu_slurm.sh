@@ -21,7 +21,7 @@ Writes a batch script and submits it with sbatch from this directory (the reposi
 storage every node sees). The job runs make install, then pip install
 'jax[EXTRA]==<setup.py's jax>' -e '.[gcs]' into .venv (skipped when that install is newer
 than setup.py), then
-  srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=<GPU flags>
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=<GPU flags>
        .venv/bin/python -m moetrain.train TRAIN_ARGS
 
   --nodes N          nodes (one process each)
@@ -104,7 +104,7 @@ batch_script() {
   echo 'make install PYTHON=python3'
   echo "test $stamp -nt setup.py || { .venv/bin/python -m pip install --quiet" \
     "'jax[$jax_extra]==$jax_version' -e '.[gcs]' && touch $stamp; }"
-  printf 'srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=%q' "$GPU_XLA_FLAGS"
+  printf 'srun --ntasks-per-node=1 --kill-on-bad-exit=1 env MOETRAIN_DISTRIBUTED=auto XLA_FLAGS=%q' "$GPU_XLA_FLAGS"
   printf ' TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m moetrain.train'
   printf ' %q' "${train_args[@]}"
   printf '\n'

@@ -153,6 +153,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A step (with its eval or checkpoint) that does not finish in time stops the run, every
   # thread's stack written into the workdir; the first step, which compiles, is never timed.
   t.step_timeout_s = 'auto'  # seconds > 0, or auto: 10 × the median step, at least 300 s
+  t.heartbeat_timeout_s = 30.0  # a process silent this long (>= 10) is lost: all stop, one line
   t.profile_steps = 0  # JAX-profile this many steps (from the 2nd) into the workdir; 0: none
 
   c.init = i = ml_collections.ConfigDict()

@@ -3,9 +3,9 @@
 Runs before any device work; every ConfigError names the field and what is wrong with it.
 """
 
-from moetrain import watchdog
+from moetrain import liveness, watchdog
 from moetrain.errors import ConfigError
-from moetrain.models.transformer import layer_plan
+from moetrain.models.plan import layer_plan
 
 ENUMS = {
     'model.dtype': ('float32', 'bfloat16'),
@@ -126,6 +126,11 @@ def validate(config) -> None:
   if sum(config.mesh[a] == -1 for a in axes) > 1:
     raise ConfigError('at most one of ' + ', '.join(f'mesh.{a}' for a in axes) + ' may be -1')
   _validate_stages(config)
+  try:
+    liveness.check_timeout(t.heartbeat_timeout_s)
+  except ValueError:
+    raise ConfigError(f'train.heartbeat_timeout_s={t.heartbeat_timeout_s} must be at least '
+                      f'{liveness.HEARTBEAT_FLOOR_S:.0f} s') from None
   try:
     watchdog.timeout_from(t.step_timeout_s)
   except ValueError:

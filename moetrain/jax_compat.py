@@ -12,3 +12,10 @@ def varying_axes(x) -> frozenset:
   if axes is None:
     axes = getattr(getattr(aval, 'mat', None), 'varying', frozenset())
   return frozenset(axes)
+
+
+def coordination_client():
+  """The client of JAX's coordination service in a multi-process run (its key-value store),
+  None in a single process. JAX keeps it in a private module that has moved before."""
+  from jax._src import distributed
+  return distributed.global_state.client

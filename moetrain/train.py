@@ -16,7 +16,7 @@ import sys
 import uuid
 
 from moetrain import config as config_lib
-from moetrain import interrupts, paths, watchdog
+from moetrain import interrupts, liveness, paths, watchdog
 from moetrain.errors import ConfigError
 
 SAMPLE_PROMPT = 'import os\n\n\ndef '
@@ -75,13 +75,15 @@ def distributed_options(args, environ) -> dict | None:
   return None
 
 
-def initialize_distributed(options: dict | None) -> None:
-  """Joins the multi-process run (before anything touches devices); nothing for one process."""
+def initialize_distributed(options: dict | None, heartbeat_timeout_s: float) -> None:
+  """Joins the multi-process run (before anything touches devices); nothing for one process.
+  JAX's own heartbeat check is set well behind `liveness.PeerWatch`'s."""
   if options is None:
     return
   import jax
   try:
-    jax.distributed.initialize(**options)
+    jax.distributed.initialize(
+        **options, heartbeat_timeout_seconds=liveness.jax_heartbeat_s(heartbeat_timeout_s))
   except ValueError as error:  # e.g. `auto` outside a cluster JAX can detect
     how = f'{DISTRIBUTED_ENV}=auto' if not options else '--coordinator_address'
     raise ConfigError(f'{how}: jax.distributed.initialize failed: '
@@ -200,10 +202,13 @@ def run(config, workdir_path: str, guard=None) -> dict:
     watch = checkpoint.PreemptionWatch(checkpoints)
     hang = watchdog.StepWatchdog(watchdog.timeout_from(t.step_timeout_s), workdir,
                                  checkpoints.latest_step)
+    peers = liveness.PeerWatch(jax.process_index(), jax.process_count(), t.heartbeat_timeout_s,
+                               checkpoints.latest_step)
     try:
       # Only the lead process draws the bar and prints eval lines.
       with (tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
-                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress, hang:
+                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress, \
+          hang, peers:
         state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
                                             progress, save=save, stop_requested=watch,
                                             trace_dir=workdir, finished=hang.beat)
@@ -243,7 +248,7 @@ def main(argv=None) -> int:
     with interrupts.StartupGuard() as guard:
       config_path, workdir, overrides, distributed = parse_command_line(argv)
       config = config_lib.load(config_path, overrides)
-      initialize_distributed(distributed)
+      initialize_distributed(distributed, config.train.heartbeat_timeout_s)
       run(config, workdir, guard)
   except ConfigError as error:
     print(f'moetrain: error: {error}', file=sys.stderr)

@@ -81,7 +81,8 @@ class StepWatchdog:
   def _give_up(self, limit: float) -> None:
     where = self._dump()
     saved = self.last_saved()
-    print(f'moetrain: error: step {self.step + 1} has not finished {limit:.0f} s after step '
+    # On a line of its own: the progress bar may be mid-line.
+    print(f'\nmoetrain: error: step {self.step + 1} has not finished {limit:.0f} s after step '
           f'{self.step} (train.step_timeout_s); every thread\'s stack is in {where}; '
           + (f'the last saved step is {saved}' if saved is not None else 'no step was saved'),
           file=sys.stderr, flush=True)

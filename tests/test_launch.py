@@ -248,7 +248,8 @@ def test_gpu_slurm_dry_run():
   assert len(install) == 1 and '--upgrade' not in install[0]
   assert f"'jax[cuda12]=={pinned_jax()}' -e '.[gcs]'" in install[0]
   srun = [line for line in lines if line.startswith('srun ')]
-  assert srun == ['srun --ntasks-per-node=1 env MOETRAIN_DISTRIBUTED=auto '
+  # One task failing (a lost process's peers exit 1) ends the job step with its status.
+  assert srun == ['srun --ntasks-per-node=1 --kill-on-bad-exit=1 env MOETRAIN_DISTRIBUTED=auto '
                   'XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true\\ '
                   '--xla_gpu_enable_highest_priority_async_stream=true '
                   'TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m moetrain.train '

@@ -9,6 +9,7 @@ from moetrain.models.layers import KVCache, RMSNorm, param
 from moetrain.models.mla import LatentAttention
 from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
+from moetrain.models.plan import layer_plan, main_stack
 from moetrain.models import routing_stats
 from moetrain.parallel import sharding, stages
 
@@ -88,21 +89,6 @@ def stack_modules(modules, axis: str = 'layers', repeats: int = 1):
     return variables[0].replace(stacked, out_sharding=(axis, *axes))
   stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, stacked)
-
-
-def layer_plan(config):
-  """(dense stack size, MoE units, unit length, trailing dense blocks) for scanned layers."""
-  moe = config.moe
-  if not moe.num_experts:
-    return config.num_layers, 0, 1, 0
-  dense = moe.first_dense_layers
-  units = (config.num_layers - dense) // moe.layer_interval
-  return dense, units, moe.layer_interval, config.num_layers - dense - units * moe.layer_interval
-
-
-def main_stack(config) -> str:
-  """The scanned stack that pipeline stages split: the MoE units, or a dense model's blocks."""
-  return 'moe_stack' if layer_plan(config)[1] else 'dense_stack'
 
 
 class Transformer(nnx.Module):
