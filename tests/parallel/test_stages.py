@@ -95,11 +95,10 @@ def single_device_run():
 BIAS_BALANCED = ['--config.model.moe.router=sigmoid', '--config.model.moe.bias_update_rate=0.01']
 
 
-# Twenty steps per mesh, the schedules taking turns over the meshes (each compiles a step).
+# Twenty steps under each schedule (each case compiles a train step; the first-step test
+# covers every mesh with both).
 @pytest.mark.parametrize('mesh,schedule', [('stage2_expert2_fsdp2', 'circular'),
-                                           ('stage2_tensor2_data2', 'gpipe'),
-                                           ('stage4_expert2', 'circular'),
-                                           ('stage2_data4', 'gpipe')])
+                                           ('stage2_tensor2_data2', 'gpipe')])
 def test_twenty_steps_follow_the_single_device_run(mesh, schedule):
   single, _, _ = single_device_run()
   config = small_config(*MESHES[mesh], *SCHEDULES[schedule], *BIAS_BALANCED)
