@@ -58,7 +58,7 @@ def losses(workdir):
 
 
 def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes(tmp_path):
-  common = [*TINY, '--config.train.steps=6', '--config.train.checkpoint_every=2',
+  common = [*TINY, '--config.train.steps=5', '--config.train.checkpoint_every=2',
             '--config.train.heartbeat_timeout_s=10']
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   env.pop('MOETRAIN_DISTRIBUTED', None)
