@@ -179,7 +179,7 @@ class Transformer(nnx.Module):
   def _pipelined(self, tokens_MxBxL, rows, capacity_factor, train, rng):
     """`forward` of microbatches with the main stack run by `stages.run`; the embedding, the
     dense stack before it and the blocks and head after it split them over the stages."""
-    dense, _, length, tail = self.plan
+    dense, _, length, _ = self.plan
     mesh, main = self.mesh, getattr(self, self.main)
     before = self.dense_stack if self.main == 'moe_stack' else None
 
