@@ -10,6 +10,7 @@ from moetrain.data.packing import document_segments
 from moetrain.data.tokenizer import EOS_ID, PAD_ID
 from moetrain.models import layout, routing, routing_stats
 from moetrain.parallel import sharding
+from moetrain.parallel.mesh import stages
 from moetrain.state import Setup
 
 
@@ -75,23 +76,23 @@ def gradients(setup: Setup, params, buffers, batch, rng):
   routed = jnp.maximum((batch['inputs'] != PAD_ID).sum().astype(jnp.float32), 1.0)
   micro = split_microbatches(batch, k, moe.group_size, setup.mesh)
 
-  def share(params, microbatch, microbatch_rng):
+  def share(params, microbatch, microbatch_rng, aux_share):
     model = nnx.merge(setup.graphdef, params, buffers)
     ce_sum, microbatch_targets, stats = forward(
         model, microbatch, moe.capacity_factor, train=True, rng=microbatch_rng,
         document_mask=setup.config.train.document_mask)
-    # Through stages all k microbatches run at once; their stats already hold the mean aux.
-    aux = stats.aux_loss.sum() * (k if microbatch['inputs'].ndim == 3 else 1) / k
-    loss = objective(ce_sum / targets, aux, stats.z_sum.sum() / routed, moe)
+    loss = objective(ce_sum / targets, stats.aux_loss.sum() * aux_share,
+                     stats.z_sum.sum() / routed, moe)
     return loss, (ce_sum, microbatch_targets, stats)
 
-  if setup.mesh.shape.get('stage', 1) > 1:
-    grads, (ce_sum, target_count, stats) = jax.grad(share, has_aux=True)(params, micro, rng)
+  if stages(setup.mesh) > 1:
+    # All k microbatches in one pass: their stats already hold the mean aux loss.
+    grads, (ce_sum, target_count, stats) = jax.grad(share, has_aux=True)(params, micro, rng, 1.0)
   else:
     def body(grads, xs):
       microbatch, index = xs
       microbatch_grads, totals = jax.grad(share, has_aux=True)(
-          params, microbatch, jax.random.fold_in(rng, index))
+          params, microbatch, jax.random.fold_in(rng, index), 1.0 / k)
       return jax.tree.map(jnp.add, grads, microbatch_grads), totals
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (ce_sums, target_counts, stats_K) = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
@@ -159,7 +160,7 @@ def make_eval_step(setup: Setup):
 
   def eval_step(params, buffers, batch):
     model = nnx.merge(setup.graphdef, params, buffers)
-    if setup.mesh.shape.get('stage', 1) > 1:
+    if stages(setup.mesh) > 1:
       batch = split_microbatches(batch, setup.config.train.microbatches,
                                  model_config.moe.group_size, setup.mesh)
     ce_sum, targets, _ = forward(model, batch, model_config.moe.eval_capacity_factor,

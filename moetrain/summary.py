@@ -12,6 +12,7 @@ from flax import nnx
 from moetrain import stage_cost
 from moetrain.models import layout
 from moetrain.parallel import sharding
+from moetrain.parallel.mesh import stages
 from moetrain.state import build_model
 
 _EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
@@ -130,7 +131,7 @@ def describe(setup, abstract_state) -> list[str]:
       f'memory per device (estimate): {_gib(memory["total"])} = params '
       f'{_gib(memory["params"])} + optimizer {_gib(memory["optimizer"])} + activations '
       f'{_gib(memory["activations"])}']
-  if setup.mesh.shape.get('stage', 1) > 1:
+  if stages(setup.mesh) > 1:
     lines.append(stage_cost.describe(config, dict(setup.mesh.shape))
                  + '; the memory above is one stage\'s')
   try:

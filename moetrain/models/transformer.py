@@ -11,7 +11,7 @@ from moetrain.models.mlp import MLP
 from moetrain.models.moe import MoE
 from moetrain.models.plan import layer_plan, main_stack
 from moetrain.models import routing_stats
-from moetrain.parallel import sharding, stages
+from moetrain.parallel import mesh as mesh_lib, sharding, stages
 
 
 def init_cache(model, batch: int, length: int) -> None:
@@ -128,7 +128,7 @@ class Transformer(nnx.Module):
     self.causal = not (config.moe.num_experts and config.moe.router == 'expert_choice')
     self.dtype = jnp.dtype(config.dtype)
     self.mesh = mesh
-    self.stages = 1 if mesh is None else mesh.shape.get('stage', 1)
+    self.stages = mesh_lib.stages(mesh)
 
   def __call__(self, tokens_BxL):
     return self.forward(tokens_BxL)[0]

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 
 from moetrain.errors import ConfigError
 from moetrain.parallel import fp8, sharding
+from moetrain.parallel import mesh as mesh_lib
 from moetrain.parallel.ragged_exchange import NATIVE_BACKENDS, ragged_exchange
 
 
@@ -143,7 +144,7 @@ class ExpertParallel:
     # Pipeline stages run this under a vmap over 'stage', whose batching of shard_map does not
     # type the constants built inside (scan carries, receive buffers) as varying over 'stage':
     # there the exchange goes unchecked (the tests hold its values to the single device's).
-    staged = self.mesh.shape.get('stage', 1) > 1
+    staged = mesh_lib.stages(self.mesh) > 1
     return jax.shard_map(fn, mesh=self.mesh,
                          in_specs=(batch, (weights_in, weights_in, weights_out)),
                          out_specs=batch, check_vma=not staged)(token_arrays, expert_weights)

@@ -15,6 +15,11 @@ AXES = ('stage', 'data', 'fsdp', 'expert', 'tensor')
 BATCH_AXES = ('data', 'fsdp', 'expert')
 
 
+def stages(mesh) -> int:
+  """The pipeline stages of `mesh` (1 without a mesh or without a 'stage' axis)."""
+  return 1 if mesh is None else mesh.shape.get('stage', 1)
+
+
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Resolves the sizes of `AXES` (one may be -1) for `num_devices`; ConfigError otherwise."""
   sizes = [mesh_config[axis] for axis in AXES]
