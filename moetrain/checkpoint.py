@@ -55,8 +55,8 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, data_position: di
          config) -> None:
   """Starts an asynchronous save of `state` at `step` (returns once the arrays are copied).
 
-  `data_position` is JSON: `data_rows` (global rows consumed, the embedded corpus) or
-  `data_states` (one grain iterator state per process, document sources)."""
+  `data_position` is JSON: `{'data': …}`, the global position of `data.pipeline` (the same for
+  any process count)."""
   checkpoints.save(step, force=True, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       progress=ocp.args.JsonSave({'step': step, **data_position}),

@@ -60,7 +60,6 @@ SOURCE_FIELDS = {
     'split': _DOCUMENTS,
     'eval_split': _DOCUMENTS,
     'on_bad_record': ('jsonl',),
-    'workers': _DOCUMENTS,
 }
 
 

@@ -46,6 +46,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   from moetrain import checkpoint, cost_model, trainer
   from moetrain.data.inputs import fixed_batches, load_tokenizer
   from moetrain.data.tokenizer import PAD_ID
+  from moetrain.parallel import sharding
   from moetrain.parallel.mesh import make_mesh
   from moetrain.state import abstract_state, make_setup
   from moetrain.steps import make_eval_step
@@ -59,7 +60,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   setup = make_setup(config, mesh)
   tokenizer = load_tokenizer(config)
   batches = fixed_batches(config, tokenizer, split, num_batches or config.train.eval_batches,
-                          jax.process_index(), jax.process_count())
+                          sharding.process_rows(setup.batch_sharding, config.train.batch_size))
   abstract = abstract_state(setup)
   with jax.set_mesh(mesh):
     params, buffers = checkpoint.restore_weights(checkpoint_dir, abstract['params'],

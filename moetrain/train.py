@@ -168,6 +168,7 @@ def run(config, workdir_path: str, guard=None) -> dict:
 
   from moetrain import checkpoint, cost_model, generate, metrics, summary, trainer
   from moetrain.data.inputs import data_position, load_data
+  from moetrain.parallel import sharding
   from moetrain.parallel.mesh import make_mesh
   from moetrain.state import abstract_state, make_setup
 
@@ -186,17 +187,15 @@ def run(config, workdir_path: str, guard=None) -> dict:
     state, position, checkpoints = restore_or_init(setup, workdir, lead)
     start_step = int(state['step'])
     tokenizer, train_iter, eval_batches, data_lines = load_data(
-        config, jax.process_index(), jax.process_count(), position)
-    start_rows = (position or {}).get('data_rows', 0)
+        config, sharding.process_rows(setup.batch_sharding, t.batch_size), position)
     if lead:
       print('\n'.join(data_lines))
       paths.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
     if checkpoints is None:
       checkpoints = open_checkpoints(workdir, t)
     writer = metrics.MetricsWriter(workdir, enabled=lead, resumed_at=start_step)
-    save = lambda step, state: checkpoint.save(
-        checkpoints, step, state, data_position(config, train_iter, start_rows,
-                                                step - start_step), config)
+    save = lambda step, state: checkpoint.save(checkpoints, step, state,
+                                               data_position(train_iter), config)
     if guard is not None:
       guard.disarm()
     watch = checkpoint.PreemptionWatch(checkpoints)
@@ -213,6 +212,7 @@ def run(config, workdir_path: str, guard=None) -> dict:
                                             progress, save=save, stop_requested=watch,
                                             trace_dir=workdir, finished=hang.beat)
     finally:
+      train_iter.close()
       watch.close()
       checkpoints.wait_until_finished()
       checkpoints.close()

@@ -163,7 +163,8 @@ def test_inspect_tool_lists_step_config_and_every_array(tmp_path):
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert f'checkpoint {checkpoint.directory(tmp_path) / "2"}: step 2' in out
-  assert 'data position: 16 global rows consumed' in out  # 2 steps of 8 sequences
+  # 2 steps of 8 rows of 33 tokens: each lane is still in the first file it began.
+  assert 'data position: 8 documents begun by 8 lanes' in out
   assert 'model.d_model=32' in out and 'model.moe.num_experts=4' in out
   assert 'params/blocks/0/ffn/w_up' in out and '(4, 32, 64)' in out
   params = final_params(tmp_path, 2)

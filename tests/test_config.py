@@ -159,7 +159,6 @@ def test_a_misspelt_override_suggests_the_closest_field(flag, message):
       '--config.data.on_bad_record=skip'],
      "data.on_bad_record='skip' is set but data.source=parquet does not read it: set "
      'data.source to jsonl'),
-    (['--config.data.workers=8'], 'data.workers=8 is set but data.source=stdlib'),
 ])
 def test_a_data_field_the_source_does_not_read_is_refused(flags, message):
   with pytest.raises(ConfigError) as error:

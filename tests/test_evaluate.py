@@ -40,7 +40,8 @@ def one_device_loss(directory, config, num_batches):
     segments, positions = document_segments(inputs, EOS_ID)
     return nnx.merge(graphdef, state).forward(inputs, segments_BxL=segments,
                                               positions_BxL=positions)[0]
-  batches = fixed_batches(config, load_tokenizer(config), 'eval', num_batches)
+  batches = fixed_batches(config, load_tokenizer(config), 'eval', num_batches,
+                          range(config.train.batch_size))
   total = count = 0.0
   for batch in batches:
     logits = forward(state, jnp.asarray(batch['inputs']))

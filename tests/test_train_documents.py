@@ -1,12 +1,18 @@
 """Training from document sources through the command line: runs, resumes, refuses bad input."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from moetrain import train
 from moetrain.data import sources
 from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
+from tests.test_launch import ROOT
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -81,3 +87,41 @@ def test_an_empty_source_a_missing_field_and_an_unknown_dataset_are_named(corpus
                      '--config.data.tfds_name=no_such_dataset',
                      f'--config.data.data_dir={tmp_path}', '--config.data.path=')
   assert 'no_such_dataset' in message
+
+
+def draw(out, corpus, steps, save_after, processes, position=None):
+  """[steps, batch, seq_len] global batches that `processes` processes draw (elastic_batches)."""
+  path, tokenizer = corpus
+  out.mkdir()
+  args = ['--config', 'configs/tiny.py', '--workdir', str(out), *SMALL,
+          '--config.data.source=jsonl',
+          f'--config.data.path={path}', f'--config.data.tokenizer={tokenizer}']
+  if processes > 1:
+    with socket.socket() as probe:
+      probe.bind(('127.0.0.1', 0))
+      port = probe.getsockname()[1]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // processes}')
+  env.pop('MOETRAIN_DISTRIBUTED', None)
+  children = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.data.elastic_batches', str(out), str(steps), str(save_after),
+       *([str(position)] if position else []), '--', *args,
+       *(['--coordinator_address', f'127.0.0.1:{port}', '--num_processes', str(processes),
+          '--process_id', str(p)] if processes > 1 else [])],
+      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for p in range(processes)]
+  for child in children:
+    assert child.wait(timeout=300) == 0, child.stderr.read()[-3000:]
+  shares = [np.load(out / f'batches-{p}.npz') for p in range(processes)]
+  batches = np.zeros((steps, 8, 32), np.int32)
+  for share in shares:
+    batches[:, share['lanes']] = share['inputs']
+  return batches
+
+
+@pytest.mark.parametrize('saved_on, resumed_on', [(2, 1), (1, 2)])
+def test_data_saved_on_n_processes_resumes_on_m_with_the_uninterrupted_batches(
+    corpus, tmp_path, saved_on, resumed_on):
+  whole = draw(tmp_path / 'whole', corpus, 8, 3, saved_on)
+  resumed = draw(tmp_path / 'resumed', corpus, 5, 0, resumed_on,
+                 tmp_path / 'whole' / 'position.json')
+  np.testing.assert_array_equal(resumed, whole[3:])  # token for token

@@ -270,8 +270,8 @@ def input_pipeline(args):
           f'batches of {t.batch_size}×{t.seq_len} tokens, {os.cpu_count()} CPUs')
     report = {'config': args.config, 'documents': len(docs), 'pipeline_tokens_per_sec': {}}
     for workers in args.workers:
-      iterator = pipeline.document_train_batches(docs, tokenizer, t.seq_len, t.batch_size,
-                                                 t.seed, workers=workers)
+      iterator = pipeline.train_batches(docs, tokenizer.encode, t.seq_len, t.batch_size,
+                                        t.seed, range(t.batch_size), workers)
       next(iterator)
       start = time.perf_counter()
       for _ in range(args.batches):

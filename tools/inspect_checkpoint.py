@@ -24,9 +24,10 @@ SUMMARY_FIELDS = (
 
 
 def _position(progress: dict) -> str:
-  if 'data_states' in progress:
-    return f'grain iterator states of {len(progress["data_states"])} process(es)'
-  return f'{progress.get("data_rows", 0):,} global rows consumed'
+  if 'data' not in progress:
+    return 'in an older format (' + ', '.join(sorted(set(progress) - {'step'})) + ')'
+  lanes = progress['data']['documents']
+  return f'{sum(lanes):,} documents begun by {len(lanes)} lanes (the global batch\'s rows)'
 
 
 class InspectError(Exception):

@@ -380,13 +380,16 @@ def _parse_weights(text: str) -> list[float] | None:
 
 
 def documents_from_config(data, split: str) -> grain.MapDataset:
-  """The ``split`` ("train" or "eval") documents of a ``config.data`` section as a MapDataset.
+  """The ``split`` ("train" or "eval") documents of a ``config.data`` section as a MapDataset:
+  the embedded corpus's files, or those of the document sources below.
 
   Several TFDS names, or file entries with ``data.weights`` set, give one source each, mixed
   by weight (equal when empty); file entries without weights form one source.
   """
   if split not in FILE_SPLITS:
     raise ValueError(f'unknown split {split!r}, expected one of {FILE_SPLITS}')
+  if data.source == 'stdlib':
+    return grain.MapDataset.source(TextSource(sources.stdlib_files(split), 'stdlib', split))
   field = 'split' if split == 'train' else 'eval_split'
   name, kind = data[field], data.source
   if kind not in KINDS:

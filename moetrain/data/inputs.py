@@ -1,14 +1,13 @@
 """A run's inputs from its config: the tokenizer, the training batch iterator with its
 checkpointed position, and fixed eval batches."""
 
-import json
 import sys
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moetrain.data import documents, pipeline, sources
+from moetrain.data import documents, pipeline
 from moetrain.data import tokenizer as tokenizer_lib
 from moetrain.errors import ConfigError
 
@@ -55,65 +54,44 @@ def describe(config, tokenizer, train_count: int, eval_count: int | None) -> lis
           f'tokenizer: sentencepiece, {tokenizer.vocab_size():,} pieces ({made})']
 
 
-def load_data(config, process_index: int, process_count: int, progress=None):
-  """(tokenizer, this process's training batch iterator resumed at `progress` (a checkpoint's
-  data position), its fixed eval batches, the `describe` lines)."""
+def load_data(config, lanes, progress=None):
+  """(tokenizer, the training batch iterator of `lanes` (this process's rows of the global
+  batch) resumed at `progress` (a checkpoint's data position), its fixed eval batches, the
+  `describe` lines)."""
   t, progress = config.train, progress or {}
-  if config.data.source == 'stdlib':
-    tokenizer = load_tokenizer(config)
-    counts = (len(sources.stdlib_files('train')),
-              len(sources.stdlib_files('eval')) if t.eval_every else None)
-    eval_batches = fixed_batches(config, tokenizer, 'eval', t.eval_batches, process_index,
-                                 process_count) if t.eval_every else []
-    train_rows = pipeline.pack(pipeline.tokenized_stdlib('train', tokenizer), t.seq_len)
-    train_iter = pipeline.train_batches(train_rows, t.batch_size, t.seed, process_index,
-                                        process_count, start_row=progress.get('data_rows', 0))
-    return tokenizer, train_iter, eval_batches, describe(config, tokenizer, *counts)
   train_documents = documents.documents_from_config(config.data, 'train')
   eval_documents = (documents.documents_from_config(config.data, 'eval') if t.eval_every
                     else None)
   tokenizer = load_tokenizer(config, train_documents)
-  eval_batches = pipeline.document_eval_batches(
-      eval_documents, tokenizer, t.seq_len, t.batch_size, t.eval_batches, process_index,
-      process_count) if t.eval_every else []
-  train_iter = pipeline.document_train_batches(
-      train_documents, tokenizer, t.seq_len, t.batch_size, t.seed, process_index,
-      process_count, config.data.workers)
-  if 'data_states' in progress:
-    states = progress['data_states']
-    if len(states) != process_count:
-      raise ConfigError(f'the checkpoint\'s data position was saved by {len(states)} '
-                        f'processes; resume data.source={config.data.source} with as many '
-                        f'(here: {process_count})')
-    train_iter.set_state(states[process_index])
+  eval_batches = pipeline.eval_batches(
+      eval_documents, tokenizer.encode, t.seq_len, t.batch_size, t.eval_batches,
+      lanes) if t.eval_every else []
+  train_iter = pipeline.train_batches(train_documents, tokenizer.encode, t.seq_len,
+                                      t.batch_size, t.seed, lanes, config.data.workers)
+  if progress.keys() - {'step', 'data'}:
+    raise ConfigError(f'the checkpoint\'s data position ({", ".join(sorted(progress))}) is '
+                      'from an older moetrain; start a new run from its weights with init.from_checkpoint')
+  if 'data' in progress:
+    train_iter.set_state(progress['data'])
   return (tokenizer, train_iter, eval_batches,
           describe(config, tokenizer, len(train_documents),
                    None if eval_documents is None else len(eval_documents)))
 
 
-def fixed_batches(config, tokenizer, split: str, num_batches: int, process_index: int = 0,
-                  process_count: int = 1) -> list:
-  """`num_batches` fixed batches spread over `split` (train | eval), this process's share."""
+def fixed_batches(config, tokenizer, split: str, num_batches: int, lanes) -> list:
+  """`num_batches` fixed batches of `split` (train | eval), the rows `lanes` of each."""
   t = config.train
-  if config.data.source == 'stdlib':
-    rows = pipeline.pack(pipeline.tokenized_stdlib(split, tokenizer), t.seq_len)
-    return pipeline.eval_batches(rows, t.batch_size, num_batches, process_index, process_count)
-  return pipeline.document_eval_batches(
-      documents.documents_from_config(config.data, split), tokenizer, t.seq_len, t.batch_size,
-      num_batches, process_index, process_count)
+  return pipeline.eval_batches(documents.documents_from_config(config.data, split),
+                               tokenizer.encode, t.seq_len, t.batch_size, num_batches, lanes)
 
 
-def data_position(config, train_iter, start_rows: int, steps_done: int) -> dict:
-  """The checkpointed data position after `steps_done` steps of this run (see load_data)."""
-  if config.data.source == 'stdlib':
-    return {'data_rows': start_rows + steps_done * config.train.batch_size}
-  state = json.dumps(train_iter.get_state())
-  if jax.process_count() == 1:
-    return {'data_states': [json.loads(state)]}
-  # Every process's iterator state goes into the one JSON item process 0 writes.
-  encoded = np.frombuffer(state.encode(), np.uint8)
-  longest = int(np.max(multihost_utils.process_allgather(np.int32(len(encoded)))))
-  padded = np.zeros(longest, np.uint8)
-  padded[:len(encoded)] = encoded
-  gathered = multihost_utils.process_allgather(padded)
-  return {'data_states': [json.loads(bytes(row).rstrip(b'\0')) for row in gathered]}
+def data_position(train_iter) -> dict:
+  """The checkpointed data position: per lane of the global batch, the documents begun and the
+  tokens of the last one used (`pipeline`), gathered from every process."""
+  state = train_iter.get_state()
+  if jax.process_count() > 1:
+    lanes = np.stack([state['documents'], state['tokens']])
+    state = pipeline.merge_positions(
+        [{'documents': row[0], 'tokens': row[1]}
+         for row in multihost_utils.process_allgather(lanes)])
+  return {'data': state}

@@ -1,6 +1,6 @@
 """Documents packed into rows: segment ids and positions derived from end-of-document tokens.
 
-Rows are cut from a stream of documents, each followed by `EOS_ID` (`pipeline.pack`), so any
+Rows are cut from a stream of documents, each followed by `EOS_ID` (`pipeline`), so any
 source gets its document boundaries the same way. The end-of-document token opens the next
 document's segment (it serves as its beginning-of-document token): every target is then
 predicted from its own document alone, and the first token of a document is predicted from the

@@ -6,6 +6,7 @@ parameter, optimizer moment, batch and activation follows from `RULES`.
 """
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -97,6 +98,15 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of `[batch, seq]` arrays: sequences split over all data-holding axes."""
   return NamedSharding(mesh, spec(mesh, 'batch', None))
+
+
+def process_rows(batch: NamedSharding, batch_size: int) -> np.ndarray:
+  """The rows of a `[batch_size, seq]` array with sharding `batch` that this process's devices
+  hold, in increasing order: the lanes its data pipeline makes (`data.pipeline`)."""
+  rows = set()
+  for index in batch.addressable_devices_indices_map((batch_size, 1)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return np.array(sorted(rows), np.int64)
 
 
 def constrain(x: jax.Array, mesh, *logical_axes) -> jax.Array:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moetrain.data import documents
+from moetrain.data import documents, sources
 from moetrain.errors import ConfigError
 
 
@@ -255,8 +255,9 @@ def test_documents_from_config(tmp_path):
     documents.documents_from_config(_data_config(path=both, eval_split='validation'), 'eval')
   with pytest.raises(ConfigError, match='data.tfds_name is empty'):
     documents.documents_from_config(_data_config(source='tfds'), 'train')
-  with pytest.raises(ConfigError, match="data.source='stdlib' has no document source"):
-    documents.documents_from_config(_data_config(source='stdlib'), 'train')
+  stdlib = documents.documents_from_config(_data_config(source='stdlib'), 'eval')
+  assert len(stdlib) == len(sources.stdlib_files('eval'))  # the embedded corpus's files
+  assert stdlib[0] == sources.read_text(sources.stdlib_files('eval')[0])
 
 
 def test_tensorflow_datasets_and_pyarrow_are_imported_lazily():

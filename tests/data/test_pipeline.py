@@ -1,175 +1,111 @@
+"""Lane packing: global batches that do not depend on the process count, and a global
+position that resumes on any process count."""
+
+import grain
 import numpy as np
 import pytest
 
-from moetrain.data import pipeline, sources, tokenizer
+from moetrain.data import pipeline
 from moetrain.data.tokenizer import EOS_ID, PAD_ID
+from moetrain.errors import ConfigError
 
 
-@pytest.fixture(scope='module')
-def stdlib_tok():
-  return tokenizer.load_or_train_stdlib_tokenizer(8000)
+def tokenize(text):
+  """A stand-in tokenizer: a document is its token ids written out, space-separated."""
+  return [int(word) for word in text.split()]
 
 
-def _rows(num_rows, seq_len=6):
-  # Row r starts with token r + 1, so a row is identified by inputs[:, 0].
-  stream = np.arange(1, num_rows * seq_len + 2, dtype=np.int32)
-  rows = pipeline.pack(stream, seq_len)
-  assert len(rows) == num_rows
-  return rows
+def corpus(count=40):
+  """Documents of 1–30 tokens; document i holds only ids 1000·(i + 1) + j, so every token
+  names its document."""
+  lengths = np.random.default_rng(0).integers(1, 31, count)
+  return grain.MapDataset.source(
+      [' '.join(str(1000 * (i + 1) + j) for j in range(n)) for i, n in enumerate(lengths)])
 
 
-def _row_ids(batch):
-  return list(batch['inputs'][:, 0])
+def batches(lanes, steps, state=None, documents=None, workers=0, batch_size=8):
+  iterator = pipeline.train_batches(documents or corpus(), tokenize, 16, batch_size, seed=3,
+                                    lanes=lanes, workers=workers)
+  if state is not None:
+    iterator.set_state(state)
+  return iterator, [next(iterator) for _ in range(steps)]
 
 
-@pytest.mark.parametrize('length', [2, 3, 7, 8, 9, 10, 31, 100])
-@pytest.mark.parametrize('seq_len', [1, 4, 8])
-def test_pack_keeps_every_token_once(length, seq_len):
-  stream = np.random.default_rng(length).integers(1, 50, size=length).astype(np.int32)
-  rows = pipeline.pack(stream, seq_len)
-  assert rows.dtype == np.int32 and rows.shape[1] == seq_len + 1
-  assert len(rows) == -(-(length - 1) // seq_len)
-
-  inputs, targets = rows[:, :-1].ravel(), rows[:, 1:].ravel()
-  # Every token with a successor is an input once; every token but the first a target once.
-  np.testing.assert_array_equal(inputs[: length - 1], stream[:-1])
-  np.testing.assert_array_equal(targets[: length - 1], stream[1:])
-  assert np.all(targets[length - 1 :] == PAD_ID)
-  # Consecutive rows share exactly one token.
-  np.testing.assert_array_equal(rows[1:, 0], rows[:-1, -1])
-  # Padding only at the end of the last row.
-  assert np.all(rows[:-1] != PAD_ID)
-  num_pad = int((rows[-1] == PAD_ID).sum())
-  assert np.all(rows[-1, seq_len + 1 - num_pad :] == PAD_ID)
-  assert num_pad == len(rows) * seq_len + 1 - length
+def rows(batch):
+  """[rows, seq_len + 1]: the packed rows a batch was cut from."""
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  return np.concatenate([batch['inputs'], batch['targets'][:, -1:]], axis=1)
 
 
-def test_pack_without_targets_gives_no_rows():
-  for stream in ([], [5]):
-    assert pipeline.pack(np.array(stream, dtype=np.int32), 4).shape == (0, 5)
+@pytest.mark.parametrize('split', [[range(4), range(4, 8)], [range(0, 8, 2), range(1, 8, 2)],
+                                   [range(2), range(2, 4), range(4, 6), range(6, 8)]],
+                         ids=['two-blocks', 'two-interleaved', 'four-blocks'])
+def test_the_global_batches_do_not_depend_on_how_the_lanes_split_over_processes(split):
+  _, whole = batches(range(8), 12)
+  shares = [batches(lanes, 12)[1] for lanes in split]
+  for step, batch in enumerate(whole):
+    for lanes, share in zip(split, shares):
+      np.testing.assert_array_equal(share[step]['inputs'], batch['inputs'][list(lanes)])
+      np.testing.assert_array_equal(share[step]['targets'], batch['targets'][list(lanes)])
 
 
-def test_train_batches_shapes_and_determinism():
-  rows = _rows(37)
-  it = pipeline.train_batches(rows, 4, seed=1)
-  batches = [next(it) for _ in range(12)]
-  again = pipeline.train_batches(rows, 4, seed=1)
-  other = pipeline.train_batches(rows, 4, seed=2)
-  for batch in batches:
-    assert set(batch) == {'inputs', 'targets'}
-    for value in batch.values():
-      assert value.shape == (4, 6) and value.dtype == np.int32
-    np.testing.assert_array_equal(batch['targets'][:, :-1], batch['inputs'][:, 1:])
-  assert [_row_ids(b) for b in batches] == [_row_ids(next(again)) for _ in batches]
-  assert [_row_ids(b) for b in batches] != [_row_ids(next(other)) for _ in batches]
+def test_a_lane_cuts_its_documents_in_order_and_the_lanes_read_each_document_once():
+  documents = corpus()
+  _, drawn = batches(range(8), 30)
+  order = pipeline.train_order(documents, seed=3)
+  for lane in range(8):
+    stream = np.concatenate([rows(batch)[lane] for batch in drawn])
+    expected = np.concatenate([tokenize(order[lane + 8 * k]) + [EOS_ID] for k in range(60)])
+    np.testing.assert_array_equal(stream, expected[:stream.size])
+  # Lane j reads positions j, j + 8, …: one epoch's 40 positions go to 8 lanes, 5 each,
+  # and hold each document once.
+  epoch = [order[lane + 8 * k] for lane in range(8) for k in range(5)]
+  assert sorted(epoch) == sorted(documents[i] for i in range(len(documents)))
+  assert PAD_ID not in np.concatenate([rows(batch) for batch in drawn])
 
 
-def test_train_batches_reshuffle_each_epoch():
-  rows = _rows(10)
-  it = pipeline.train_batches(rows, 5, seed=0)
-  epochs = [sum((_row_ids(next(it)) for _ in range(2)), []) for _ in range(3)]
-  for order in epochs:
-    assert sorted(order) == sorted(rows[:, 0])
-  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+@pytest.mark.parametrize('saved_on, resumed_on', [(2, 1), (1, 2), (4, 2)])
+def test_a_position_saved_on_n_processes_resumes_on_m_with_the_same_batches(saved_on,
+                                                                           resumed_on):
+  _, uninterrupted = batches(range(8), 14)
+  blocks = lambda n: [range(p * 8 // n, (p + 1) * 8 // n) for p in range(n)]
+  savers = [batches(lanes, 9)[0] for lanes in blocks(saved_on)]  # past an epoch's end
+  position = pipeline.merge_positions([saver.get_state() for saver in savers])
+  resumed = [batches(lanes, 5, state=position)[1] for lanes in blocks(resumed_on)]
+  for step in range(5):
+    np.testing.assert_array_equal(
+        np.concatenate([share[step]['inputs'] for share in resumed]),
+        uninterrupted[9 + step]['inputs'])
 
 
-@pytest.mark.parametrize('process_count', [2, 4])
-def test_processes_partition_the_global_batch(process_count):
-  rows = _rows(29)
-  global_it = pipeline.train_batches(rows, 8, seed=3)
-  local_its = [
-      pipeline.train_batches(rows, 8, seed=3, process_index=p, process_count=process_count)
-      for p in range(process_count)
-  ]
-  for _ in range(6):
-    whole = next(global_it)
-    parts = [next(it) for it in local_its]
-    for p, part in enumerate(parts):
-      assert part['inputs'].shape == (8 // process_count, 6)
-      np.testing.assert_array_equal(part['inputs'], whole['inputs'][p::process_count])
-    union = sorted(sum((_row_ids(part) for part in parts), []))
-    assert union == sorted(_row_ids(whole))
+def test_prefetching_threads_give_the_same_batches_and_position():
+  plain, expected = batches(range(8), 6)
+  threaded, got = batches(range(8), 6, workers=3)
+  for want, batch in zip(expected, got):
+    np.testing.assert_array_equal(batch['inputs'], want['inputs'])
+  assert threaded.get_state() == plain.get_state()
 
 
-def test_train_batches_rejects_bad_sharding():
-  with pytest.raises(ValueError):
-    pipeline.train_batches(_rows(8), 6, seed=0, process_index=0, process_count=4)
-  with pytest.raises(ValueError):
-    pipeline.train_batches(_rows(8), 4, seed=0, process_index=2, process_count=2)
+def test_a_position_for_another_batch_size_is_refused():
+  saved, _ = batches(range(8), 2)
+  with pytest.raises(ConfigError, match=r'train\.batch_size=8, not 4'):
+    batches(range(4), 1, state=saved.get_state(), batch_size=4)
 
 
-def test_iterator_state_restores_position():
-  rows = _rows(23)
-  it = pipeline.train_batches(rows, 4, seed=5, process_index=1, process_count=2)
-  for _ in range(7):
-    next(it)
-  state = it.get_state()
-  expected = [_row_ids(next(it)) for _ in range(5)]
-
-  fresh = pipeline.train_batches(rows, 4, seed=5, process_index=1, process_count=2)
-  fresh.set_state(state)
-  assert [_row_ids(next(fresh)) for _ in range(5)] == expected
+def test_eval_batches_are_fixed_and_split_like_training_batches():
+  documents = corpus()
+  whole = pipeline.eval_batches(documents, tokenize, 16, 8, 3, range(8))
+  assert whole[0]['inputs'].shape == (8, 16) and len(whole) == 3
+  halves = [pipeline.eval_batches(documents, tokenize, 16, 8, 3, lanes)
+            for lanes in (range(4), range(4, 8))]
+  for step, batch in enumerate(whole):
+    np.testing.assert_array_equal(
+        np.concatenate([half[step]['inputs'] for half in halves]), batch['inputs'])
 
 
-def test_global_start_row_resumes_on_another_process_count():
-  rows = _rows(29)
-  one_process = pipeline.train_batches(rows, 8, seed=3)
-  for _ in range(3):
-    next(one_process)  # a run on one process checkpoints after 3 batches: 24 rows
-  two_processes = [pipeline.train_batches(rows, 8, seed=3, process_index=p, process_count=2,
-                                          start_row=24) for p in range(2)]
-  for _ in range(5):  # ... and resumes on two, across an epoch boundary
-    whole = next(one_process)
-    for p, it in enumerate(two_processes):
-      np.testing.assert_array_equal(next(it)['inputs'], whole['inputs'][p::2])
-
-
-def test_eval_batches_spread_evenly_in_order_and_sharded():
-  rows = _rows(24)
-  batches = pipeline.eval_batches(rows, 4, num_batches=3)
-  assert len(batches) == 3
-  spread = rows[::2]  # 12 of 24 rows: every second one, covering the whole split
-  np.testing.assert_array_equal(np.concatenate([b['inputs'] for b in batches]), spread[:, :-1])
-  np.testing.assert_array_equal(np.concatenate([b['targets'] for b in batches]), spread[:, 1:])
-  assert [_row_ids(b) for b in batches] == [_row_ids(b) for b in pipeline.eval_batches(rows, 4, 3)]
-
-  halves = [pipeline.eval_batches(rows, 4, 3, process_index=p, process_count=2) for p in (0, 1)]
-  for step, whole in enumerate(batches):
-    for p in (0, 1):
-      np.testing.assert_array_equal(halves[p][step]['inputs'], whole['inputs'][p::2])
-
-
-def test_eval_batches_on_a_tiny_split_pad_fully():
-  rows = _rows(3)
-  batches = pipeline.eval_batches(rows, 4, num_batches=10)
-  assert len(batches) == 1
-  np.testing.assert_array_equal(batches[0]['inputs'][:3], rows[:, :-1])
-  assert np.all(batches[0]['inputs'][3] == PAD_ID) and np.all(batches[0]['targets'][3] == PAD_ID)
-  assert len(pipeline.eval_batches(_rows(9), 4, num_batches=10)) == 3
-
-
-def test_tokenized_stdlib_documents_and_cache(stdlib_tok, tmp_path, monkeypatch):
-  monkeypatch.setenv('MOETRAIN_CACHE', str(tmp_path))
-  files = sources.stdlib_files('eval')
-  stream = pipeline.tokenized_stdlib('eval', stdlib_tok)
-  assert stream.dtype == np.int32 and stream.ndim == 1
-  assert int((stream == EOS_ID).sum()) == len(files) and stream[-1] == EOS_ID
-  # Documents decode back to the files, in file order.
-  ends = np.flatnonzero(stream == EOS_ID)
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  for path, start, end in zip(files, starts, ends):
-    assert stdlib_tok.decode(stream[start:end].tolist()) == sources.read_text(path)
-  assert len(list((tmp_path / 'corpus').glob('*.npy'))) == 1
-
-  def no_reading(path):
-    raise AssertionError('re-tokenised instead of loading the cache')
-
-  monkeypatch.setattr(sources, 'read_text', no_reading)
-  np.testing.assert_array_equal(pipeline.tokenized_stdlib('eval', stdlib_tok), stream)
-
-
-def test_tokenized_stdlib_train_split(stdlib_tok):
-  # The real cache: tokenised once, then shared with training runs.
-  stream = pipeline.tokenized_stdlib('train', stdlib_tok)
-  assert int((stream == EOS_ID).sum()) == len(sources.stdlib_files('train'))
-  assert stream.size > 1_000_000 and PAD_ID not in stream[:100_000]
+def test_eval_batches_of_a_short_split_end_in_padding():
+  short = grain.MapDataset.source([corpus()[i] for i in range(3)])
+  drawn = pipeline.eval_batches(short, tokenize, 16, 8, 3, range(8))
+  real = [int((batch['targets'] != PAD_ID).sum()) for batch in drawn]
+  assert real[0] > 0 and real[-1] == 0
+  assert np.all(drawn[0]['targets'][3:] == PAD_ID)  # lanes 3…7 have no document
