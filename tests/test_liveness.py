@@ -1,6 +1,6 @@
 """A lost process stops the job: the others end by themselves, with one line naming it and the
 last saved step, well before JAX's own heartbeat check would abort them; a rerun on another
-process count resumes."""
+process count resumes, bit for bit."""
 
 import json
 import os
@@ -12,6 +12,8 @@ import time
 import pytest
 
 from moetrain import config as config_lib, liveness
+from moetrain.data import sources
+from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
 from moetrain.errors import ConfigError
 from tests.test_launch import ROOT, TINY
 
@@ -63,8 +65,14 @@ def losses(workdir):
 
 
 def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes(tmp_path):
+  documents = tmp_path / 'documents.jsonl'  # jsonl documents, read by one global data path
+  documents.write_text(''.join(json.dumps({'text': sources.read_text(file)}) + '\n'
+                               for file in sources.stdlib_files('train')[:100]))
+  load_or_train_stdlib_tokenizer(8000)
   common = [*TINY, '--config.train.steps=5', '--config.train.checkpoint_every=2',
-            '--config.train.heartbeat_timeout_s=10']
+            '--config.train.heartbeat_timeout_s=10', '--config.data.source=jsonl',
+            f'--config.data.path={documents}',
+            f'--config.data.tokenizer={stdlib_tokenizer_path(8000)}']
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   env.pop('MOETRAIN_DISTRIBUTED', None)
   one_process = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8')
@@ -72,7 +80,7 @@ def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes
   # collectives (gloo) as the two processes', and add up in the same order.
   alone = ['--coordinator_address', f'127.0.0.1:{free_port()}', '--num_processes', '1',
            '--process_id', '0']
-  # The uninterrupted run (it also fills the tokenizer cache).
+  # The uninterrupted run.
   whole = subprocess.run([sys.executable, '-m', 'moetrain.train', *common, *alone,
                           '--workdir', str(tmp_path / 'whole')], cwd=ROOT, env=one_process,
                          capture_output=True, text=True, timeout=600)
