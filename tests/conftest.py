@@ -2,10 +2,14 @@
 
 import os
 
+from tests.devices import quick_compile_flags
+
 # Must happen before jax is imported anywhere.
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
+# Inherited by the processes the tests start, unless they set XLA_FLAGS (tests.devices).
+os.environ['XLA_FLAGS'] = f'{os.environ["XLA_FLAGS"]} {quick_compile_flags()}'.strip()
 
 import jax  # noqa: E402
 

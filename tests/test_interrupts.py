@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.devices import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -18,7 +20,7 @@ SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.
 
 
 def start(workdir, cache, *, sigint_ignored: bool):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL='2', MOETRAIN_CACHE=str(cache))
   # A cold cache: the run spends its first tens of seconds training its tokenizer in C++.
   command = [sys.executable, '-m', 'moetrain.train', '--config', str(REPO / 'configs/tiny.py'),
@@ -63,7 +65,7 @@ def test_a_training_run_does_not_import_torch(tmp_path):
   script = ('import sys\nfrom moetrain import train\n'
             f'code = train.main({argv!r})\n'
             'print("exit", code, "torch imported:", "torch" in sys.modules)\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL='2')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

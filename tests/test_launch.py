@@ -16,6 +16,7 @@ import pytest
 
 from moetrain import train
 from moetrain.errors import ConfigError
+from tests.devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ['local_multiprocess.sh', 'tpu_pod.sh', 'gpu_slurm.sh']
@@ -291,7 +292,7 @@ def test_two_local_processes_match_one_process_and_report_once(tmp_path):
   single = subprocess.run(
       [*command, '--workdir', str(tmp_path / 'single')], cwd=ROOT, capture_output=True,
       text=True, timeout=600,
-      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      env=dict(env, XLA_FLAGS=xla_flags(8)))
   assert single.returncode == 0, single.stderr[-3000:]
   multi = launch('local_multiprocess.sh', '2', '--devices-per-process', '4', '--',
                  *command, '--workdir', str(tmp_path / 'multi'), env=env, timeout=600)

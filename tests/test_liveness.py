@@ -16,6 +16,7 @@ from moetrain.data import sources
 from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
 from moetrain.errors import ConfigError
 from tests.test_launch import ROOT, TINY
+from tests.devices import xla_flags
 
 
 class FakeClient:
@@ -75,7 +76,7 @@ def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes
             f'--config.data.tokenizer={stdlib_tokenizer_path(8000)}']
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   env.pop('MOETRAIN_DISTRIBUTED', None)
-  one_process = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  one_process = dict(env, XLA_FLAGS=xla_flags(8))
   # The 1 × 8 runs join as a one-process job: its all-reduces then run on the same CPU
   # collectives (gloo) as the two processes', and add up in the same order.
   alone = ['--coordinator_address', f'127.0.0.1:{free_port()}', '--num_processes', '1',
@@ -91,7 +92,7 @@ def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes
       [sys.executable, '-m', 'moetrain.train', *common, '--workdir', str(workdir),
        '--coordinator_address', f'127.0.0.1:{port}', '--num_processes', '2',
        '--process_id', str(i)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True, env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+      text=True, env=dict(env, XLA_FLAGS=xla_flags(4)))
       for i in range(2)]
   deadline = time.monotonic() + 300
   while 3 not in (losses(workdir) if (workdir / 'metrics.jsonl').exists() else {}):

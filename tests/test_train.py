@@ -9,6 +9,7 @@ import pytest
 
 from moetrain import train
 from moetrain.data import sources
+from tests.devices import xla_flags
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -18,7 +19,7 @@ SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.
 
 
 def run_cli(*args, devices=1):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.run([sys.executable, '-m', 'moetrain.train', *args], env=env,
                         capture_output=True, text=True, timeout=600)

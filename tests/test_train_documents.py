@@ -13,6 +13,7 @@ from moetrain import train
 from moetrain.data import sources
 from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
 from tests.test_launch import ROOT
+from tests.devices import xla_flags
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -101,7 +102,7 @@ def draw(out, corpus, steps, save_after, processes, position=None):
       probe.bind(('127.0.0.1', 0))
       port = probe.getsockname()[1]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // processes}')
+             XLA_FLAGS=xla_flags(8 // processes))
   env.pop('MOETRAIN_DISTRIBUTED', None)
   children = [subprocess.Popen(
       [sys.executable, '-m', 'tests.data.elastic_batches', str(out), str(steps), str(save_after),

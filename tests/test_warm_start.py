@@ -20,8 +20,9 @@ SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=64',
 
 
 def run(config_file, workdir, steps, *overrides):
-  """Trains `steps` steps and returns the loss logged at each step."""
-  config = config_lib.load(config_file, [*SMALL, f'--config.train.steps={steps}',
+  """Trains `steps` steps of a 2-layer `config_file` and returns the loss logged at each."""
+  config = config_lib.load(config_file, [*SMALL, '--config.model.num_layers=2',
+                                         f'--config.train.steps={steps}',
                                          f'--config.train.checkpoint_every={steps}',
                                          *overrides])
   train.run(config, str(workdir))
@@ -45,29 +46,27 @@ def dense_run(tmp_path_factory):
   return workdir, run('configs/tiny_dense.py', workdir, 40)
 
 
-def test_upcycled_tiny_model_starts_at_the_dense_models_loss(dense_run, tmp_path):
+def test_upcycled_tiny_model_starts_at_the_dense_models_loss_and_logits(dense_run, tmp_path):
   dense_dir, dense_losses = dense_run
   # The trained dense model's loss on the first batch (a warm start reads the same batches).
   dense_first = run('configs/tiny_dense.py', tmp_path / 'dense_again', 1,
                     f'--config.init.from_checkpoint={dense_dir}')[0]
+  # A zero learning rate saves the weights as upcycled; the first loss is taken before the
+  # update either way.
   upcycled_first = run('configs/tiny.py', tmp_path / 'moe', 1,
-                       f'--config.init.upcycle_from={dense_dir}')[0]
+                       f'--config.init.upcycle_from={dense_dir}',
+                       '--config.train.learning_rate=0.0')[0]
   random_first = run('configs/tiny.py', tmp_path / 'scratch', 1)[0]
   assert dense_losses[-1] < dense_losses[0] - 1.5  # the dense model did learn
   assert random_first > dense_first + 1.5
   # Training routes with capacity 1.25: the few tokens dropped at step 0 cost a little.
   assert abs(upcycled_first - dense_first) < 0.05, (upcycled_first, dense_first, random_first)
 
-
-def test_upcycled_model_loads_with_the_dense_logits_before_training(dense_run, tmp_path):
-  dense_dir, _ = dense_run
-  run('configs/tiny.py', tmp_path / 'moe', 1, f'--config.init.upcycle_from={dense_dir}',
-      '--config.train.learning_rate=0.0')
   dense, _ = moetrain.load(dense_dir)
   moe, config = moetrain.load(tmp_path / 'moe')
   assert config.model.moe.num_experts == 8
   tokens = np.random.default_rng(0).integers(0, 8000, (2, 32))
-  # A zero learning rate leaves the weights as upcycled; `load` routes dropless.
+  # `load` routes dropless: the upcycled model computes the dense one's logits.
   np.testing.assert_allclose(np.asarray(moe(tokens)), np.asarray(dense(tokens)), atol=1e-5)
 
 

@@ -11,6 +11,7 @@ import pytest
 from moetrain import config as config_lib, watchdog
 from moetrain.errors import ConfigError
 from tests.test_train import SMALL
+from tests.devices import xla_flags
 
 
 def test_auto_timeout_is_ten_median_steps_and_never_below_the_floor():
@@ -37,7 +38,7 @@ def test_a_timeout_that_is_not_positive_names_the_field(value):
 
 def test_a_hung_step_ends_the_run_with_the_stacks_in_the_workdir(tmp_path):
   workdir = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL='2', **{watchdog.HANG_ENV: '4'})
   process = subprocess.Popen(
       [sys.executable, '-m', 'moetrain.train', '--config', 'configs/tiny.py', '--workdir',

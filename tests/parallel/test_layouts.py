@@ -1,4 +1,5 @@
-"""Every mesh layout gives the single-device results: one step exactly, 20 steps closely."""
+"""Every mesh layout gives the single-device results: one step exactly; 20 steps closely on
+the layouts that combine three kinds of parallelism."""
 
 import functools
 
@@ -11,6 +12,7 @@ from moetrain.steps import make_train_step
 from tests.steps import first_gradients, random_batch
 
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 2, 2, 2), (2, 1, 2, 2)]
+TRAINED = [(2, 2, 2, 1), (1, 2, 2, 2)]  # each compiles a train step more
 
 
 def layout_config(data, fsdp, expert, tensor):
@@ -25,9 +27,11 @@ def layout_config(data, fsdp, expert, tensor):
       f'--config.mesh.expert={expert}', f'--config.mesh.tensor={tensor}'])
 
 
-def run_on(config, devices, steps=20):
+def run_on(config, devices, steps):
   """First-step gradients and metrics, and the losses of `steps` training steps."""
   def train(setup, state, batch):
+    if not steps:
+      return None
     train_step, losses = make_train_step(setup), []
     for _ in range(steps):
       state, step_metrics = train_step(state, batch)
@@ -40,17 +44,19 @@ def run_on(config, devices, steps=20):
 
 @functools.cache
 def single_device():
-  return run_on(layout_config(1, 1, 1, 1), jax.devices()[:1])
+  return run_on(layout_config(1, 1, 1, 1), jax.devices()[:1], 20)
 
 
 @pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
 def test_layout_equals_single_device(mesh):
   single_grads, single, single_losses = single_device()
-  grads, metrics, losses = run_on(layout_config(*mesh), jax.devices()[:8])
+  grads, metrics, losses = run_on(layout_config(*mesh), jax.devices()[:8],
+                                  20 if mesh in TRAINED else 0)
   assert single['dropped_fraction'].max() > 0  # capacity dropping is on
   for key in ('loss', 'aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction'):
     np.testing.assert_allclose(metrics[key], single[key], rtol=2e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                grads, single_grads)
   assert single_losses[-1] < 0.8 * single_losses[0]  # the 20 steps really train
-  np.testing.assert_allclose(losses, single_losses, rtol=1e-3)
+  if mesh in TRAINED:
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-3)
