@@ -124,12 +124,16 @@ def test_local_bad_arguments(args, fragment):
   assert result.returncode == 2 and fragment in result.stderr, result.stderr
 
 
-def test_local_failure_stops_the_others_and_is_reported():
+@pytest.mark.parametrize('end, status', [('sys.exit(3)', 3),
+                                         ('os.kill(os.getpid(), signal.SIGKILL)', 128 + 9)],
+                         ids=['exits', 'killed'])
+def test_local_failure_stops_the_others_and_is_reported(end, status):
   # Process 0 fails at once; process 1 would sleep for a minute unless it is stopped.
-  script = ('import sys, time; i = int(sys.argv[sys.argv.index("--process_id") + 1]); '
-            'time.sleep(60 * i); sys.exit(3)')
+  script = ('import os, signal, sys, time; '
+            'i = int(sys.argv[sys.argv.index("--process_id") + 1]); '
+            f'time.sleep(60 * i); {end}')
   result = launch('local_multiprocess.sh', '2', '--', sys.executable, '-c', script, timeout=30)
-  assert result.returncode == 3, result.stderr
+  assert result.returncode == status, result.stderr
   assert 'stopping the others' in result.stderr
 
 
