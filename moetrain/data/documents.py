@@ -9,7 +9,6 @@ every machine. TFDS and pyarrow are imported only by the sources that need them.
 
 import array
 import functools
-import glob
 import hashlib
 import itertools
 import json
@@ -20,73 +19,15 @@ import sys
 
 import grain
 import numpy as np
-from etils import epath
 
 from moetrain import paths
-from moetrain.data import sources
+from moetrain.data import file_paths, sources
 from moetrain.errors import ConfigError
 
 KINDS = ('text', 'jsonl', 'parquet', 'tfds')
 FILE_SPLITS = ('train', 'eval')
 ON_BAD_RECORD = ('error', 'skip')
 _ROW_GROUP_CACHE = 8  # decoded parquet row groups kept per process
-_GLOB_CHARS = frozenset('*?[')
-
-
-def _entries(spec: str) -> list[str]:
-  return [entry.strip() for entry in spec.split(',') if entry.strip()]
-
-
-def _match_remote(entry: str) -> list[tuple[str, epath.Path]]:
-  """`_match` for a URL (gs://…): object stores list one level per call, so a pattern may
-  not hold `**`; a directory is walked."""
-  if '**' in entry:
-    raise ConfigError(f'{entry}: ** is not supported in object-store paths; use * per level')
-  parts = entry.split('/')
-  if _GLOB_CHARS & set(entry):
-    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
-    root = paths.resolve('/'.join(parts[:first]))
-    matches = root.glob('/'.join(parts[first:]))
-    return [(p.relative_to(root).as_posix(), p) for p in matches if p.is_file()]
-  path = paths.resolve(entry)
-  if path.is_dir():
-    return [(p.relative_to(path).as_posix(), p)
-            for directory, _, names in path.walk() for p in (directory / n for n in names)
-            if not any(part.startswith('.') for part in p.relative_to(path).parts)]
-  return [(path.name, path)] if path.is_file() else []
-
-
-def _match(entry: str) -> list[tuple[str, pathlib.Path]]:
-  if paths.is_remote(entry):
-    return _match_remote(entry)
-  path = pathlib.Path(entry)
-  if _GLOB_CHARS & set(entry):
-    root = pathlib.Path(*itertools.takewhile(lambda part: not _GLOB_CHARS & set(part), path.parts))
-    matches = [pathlib.Path(p) for p in glob.glob(entry, recursive=True)]
-    return [(p.relative_to(root).as_posix(), p) for p in matches if p.is_file()]
-  if path.is_dir():
-    files = [p for p in path.rglob('*') if p.is_file()
-             and not any(part.startswith('.') for part in p.relative_to(path).parts)]
-    return [(p.relative_to(path).as_posix(), p) for p in files]
-  return [(path.name, path)] if path.is_file() else []
-
-
-def expand_files(spec: str, kind: str) -> list[tuple[str, pathlib.Path]]:
-  """Sorted, distinct ``(name, path)`` of the files that comma-separated paths or globs match.
-
-  ``name`` (the key of the split) is relative to a directory entry or to a pattern's part
-  before its first wildcard, so it does not depend on where the data is mounted.
-  """
-  found = {}
-  for entry in _entries(spec):
-    matched = _match(entry)
-    if not matched:
-      raise ConfigError(f'{kind} source: no files match {entry!r}')
-    for name, path in matched:
-      found.setdefault(path if paths.is_remote(path) else path.resolve(), (name, path))
-  if not found:
-    raise ConfigError(f'{kind} source: no path given')
-  return sorted(found.values(), key=lambda item: str(item[1]))
 
 
 def _name_is_eval(name: str, per_mille: int) -> bool:
@@ -335,7 +276,7 @@ def open_source(kind: str, path: str = '', *, text_field: str = 'text', data_dir
     raise ConfigError(f'{kind} source {path!r}: split {split!r} must be train or eval')
   if not 0 <= eval_per_mille <= 1000:
     raise ConfigError(f'eval_per_mille={eval_per_mille} must be between 0 and 1000')
-  files, label = expand_files(path, kind), f'{kind} {path!r}'
+  files, label = file_paths.expand_files(path, kind), f'{kind} {path!r}'
   if kind == 'text':
     chosen = [p for name, p in files if _name_is_eval(name, eval_per_mille) == (split == 'eval')]
     return TextSource(chosen, label, split)
@@ -398,7 +339,7 @@ def documents_from_config(data, split: str) -> grain.MapDataset:
   if kind != 'tfds' and name not in FILE_SPLITS:
     raise ConfigError(f'data.{field}={name!r} must be train or eval for data.source={kind}')
   listed = 'tfds_name' if kind == 'tfds' else 'path'
-  entries, weights = _entries(data[listed]), _parse_weights(data.weights)
+  entries, weights = file_paths.entries(data[listed]), _parse_weights(data.weights)
   if not entries:
     raise ConfigError(f'data.{listed} is empty with data.source={kind}')
   if weights is not None and len(weights) != len(entries):
