@@ -105,6 +105,11 @@ class LaneIterator(grain.DatasetIterator):
     self._current = [self._document(i, k - 1) if k else np.zeros(0, np.int32)
                      for i, k in enumerate(self._begun)]
 
+  def close(self) -> None:
+    if self._pool:
+      self._pool.shutdown()
+    super().close()
+
 
 class _Lanes(grain.IterDataset):
   """``LaneIterator`` as a dataset, so that grain can prefetch it on a thread."""
