@@ -59,6 +59,10 @@ def load_data(config, lanes, progress=None):
   batch) resumed at `progress` (a checkpoint's data position), its fixed eval batches, the
   `describe` lines)."""
   t, progress = config.train, progress or {}
+  if progress.keys() - {'step', 'data'}:
+    raise ConfigError(f'the checkpoint\'s data position ({", ".join(sorted(progress))}) is '
+                      'from an older moetrain; start a new run from its weights with '
+                      'init.from_checkpoint')
   train_documents = documents.documents_from_config(config.data, 'train')
   eval_documents = (documents.documents_from_config(config.data, 'eval') if t.eval_every
                     else None)
@@ -68,9 +72,6 @@ def load_data(config, lanes, progress=None):
       lanes) if t.eval_every else []
   train_iter = pipeline.train_batches(train_documents, tokenizer.encode, t.seq_len,
                                       t.batch_size, t.seed, lanes, config.data.workers)
-  if progress.keys() - {'step', 'data'}:
-    raise ConfigError(f'the checkpoint\'s data position ({", ".join(sorted(progress))}) is '
-                      'from an older moetrain; start a new run from its weights with init.from_checkpoint')
   if 'data' in progress:
     train_iter.set_state(progress['data'])
   return (tokenizer, train_iter, eval_batches,
