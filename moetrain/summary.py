@@ -66,8 +66,8 @@ def flops_per_token(model_config, seq_len: int, counts: dict | None = None) -> f
 def _bytes_per_device(tree, shardings) -> float:
   """Bytes one device holds of arrays `tree` placed with `shardings` (exact for even splits)."""
   total = 0.0
-  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    shard = sharding.shard_shape(leaf.shape) if leaf.shape else ()
+  for leaf, placement in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shard = placement.shard_shape(leaf.shape) if leaf.shape else ()
     total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
   return total
 
