@@ -1,7 +1,9 @@
-"""XLA flags for the tests and the processes they start: N CPU devices, compiled quickly."""
+"""For the tests and the processes they start: XLA flags (N CPU devices, compiled quickly)
+and free ports."""
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,3 +24,10 @@ def quick_compile_flags() -> str:
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a process with `devices` CPU devices."""
   return f'--xla_force_host_platform_device_count={devices} {quick_compile_flags()}'.strip()
+
+
+def free_port() -> int:
+  """A loopback TCP port no one listens on now (a coordinator's, an emulator's)."""
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    return probe.getsockname()[1]

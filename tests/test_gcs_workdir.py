@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from moetrain.data.tokenizer import train_tokenizer
-from tests.devices import xla_flags
+from tests.devices import free_port, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
@@ -28,16 +27,10 @@ SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.
          '--config.train.checkpoint_every=2', '--config.train.warmup_steps=2']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture
 def bucket():
   """A GCS emulator serving an empty bucket `bucket`; yields its URL."""
-  port = _free_port()
+  port = free_port()
   server = subprocess.Popen(
       [sys.executable, str(REPO / 'tests/gcs_emulator.py'), 'start', '--host', '127.0.0.1',
        '--port', str(port), '--default-bucket', 'bucket', '--in-memory', '--quiet'],

@@ -4,7 +4,6 @@ process count resumes, bit for bit."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from moetrain.data import sources
 from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
 from moetrain.errors import ConfigError
 from tests.test_launch import ROOT, TINY
-from tests.devices import xla_flags
+from tests.devices import free_port, xla_flags
 
 
 class FakeClient:
@@ -53,12 +52,6 @@ def test_a_peer_whose_heartbeat_stops_is_lost(monkeypatch):
 def test_a_heartbeat_timeout_below_the_floor_names_the_field():
   with pytest.raises(ConfigError, match=r'train.heartbeat_timeout_s=5.0 must be at least 10 s'):
     config_lib.load('configs/tiny.py', ['--config.train.heartbeat_timeout_s=5'])
-
-
-def free_port() -> int:
-  with socket.socket() as probe:
-    probe.bind(('127.0.0.1', 0))
-    return probe.getsockname()[1]
 
 
 def losses(workdir):

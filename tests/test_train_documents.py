@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from moetrain import train
 from moetrain.data import sources
 from moetrain.data.tokenizer import load_or_train_stdlib_tokenizer, stdlib_tokenizer_path
 from tests.test_launch import ROOT
-from tests.devices import xla_flags
+from tests.devices import free_port, xla_flags
 
 SMALL = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.num_layers=2',
          '--config.model.moe.num_experts=4', '--config.train.batch_size=8',
@@ -106,10 +105,7 @@ def draw(out, corpus, steps, save_after, processes, position=None):
   args = ['--config', 'configs/tiny.py', '--workdir', str(out), *SMALL,
           '--config.data.source=jsonl',
           f'--config.data.path={path}', f'--config.data.tokenizer={tokenizer}']
-  if processes > 1:
-    with socket.socket() as probe:
-      probe.bind(('127.0.0.1', 0))
-      port = probe.getsockname()[1]
+  port = free_port()
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
              XLA_FLAGS=xla_flags(8 // processes))
   env.pop('MOETRAIN_DISTRIBUTED', None)
