@@ -129,16 +129,16 @@ def four_steps(tmp_path_factory):
 
 
 @pytest.fixture
-def trained(four_steps, tmp_path):
+def workdir(four_steps, tmp_path):
+  """A copy of `four_steps` for one test."""
   shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
   return tmp_path
 
 
-def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(trained):
-  tmp_path = trained
-  checkpoints = checkpoint.directory(tmp_path)
+def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(workdir):
+  checkpoints = checkpoint.directory(workdir)
   garble(pathlib.Path(checkpoints) / '4' / 'state')
-  code, _, stderr = train(tmp_path, 6)
+  code, _, stderr = train(workdir, 6)
   assert code == 0, stderr
   assert f'checkpoint {checkpoints / "4"} is unreadable' in stderr
   assert 'resuming from step 2' in stderr
@@ -146,15 +146,14 @@ def test_garbled_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(
   assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4, 6]
 
 
-def test_unfinished_checkpoint_is_ignored(trained):
-  tmp_path = trained
-  checkpoints = checkpoint.directory(tmp_path)
+def test_unfinished_checkpoint_is_ignored(workdir):
+  checkpoints = checkpoint.directory(workdir)
   # What a save killed half-way leaves: a temporary directory Orbax never finalised.
   unfinished = checkpoints / '6.orbax-checkpoint-tmp-1234567890'
   unfinished.mkdir()
   (unfinished / 'state').mkdir()
   (unfinished / 'state' / 'partial').write_bytes(b'\0' * 10)
-  code, _, stderr = train(tmp_path, 6)
+  code, _, stderr = train(workdir, 6)
   assert code == 0, stderr
   assert 'resuming from step 4' in stderr and 'unreadable' not in stderr
 
@@ -163,32 +162,31 @@ def snapshot(directory: pathlib.Path):
   return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob('*')}
 
 
-def test_checkpoint_of_another_model_is_refused_and_nothing_is_written(trained):
-  tmp_path = trained
-  before = snapshot(tmp_path)
-  code, stdout, stderr = train(tmp_path, 4, '--config.model.d_model=48',
+def test_checkpoint_of_another_model_is_refused_and_nothing_is_written(workdir):
+  before = snapshot(workdir)
+  code, stdout, stderr = train(workdir, 4, '--config.model.d_model=48',
                                '--config.model.moe.num_experts=8')
   assert code == 2, stderr
   lines = stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('moetrain: error: checkpoint '), stderr
   assert 'model.d_model=32→48' in lines[0] and 'model.moe.num_experts=4→8' in lines[0]
-  assert snapshot(tmp_path) == before
+  assert snapshot(workdir) == before
 
 
 def test_inspect_tool_lists_step_config_and_every_array(four_steps):
-  tmp_path = four_steps
-  result = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(tmp_path)],
+  workdir = four_steps
+  result = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(workdir)],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   out = result.stdout
-  assert f'checkpoint {checkpoint.directory(tmp_path) / "4"}: step 4' in out
+  assert f'checkpoint {checkpoint.directory(workdir) / "4"}: step 4' in out
   assert re.search(r'data position: \d+ documents begun by 8 lanes', out)
   assert 'model.d_model=32' in out and 'model.moe.num_experts=4' in out
   assert 'params/blocks/0/ffn/w_up' in out and '(4, 32, 64)' in out
-  params = final_params(tmp_path, 4)
+  params = final_params(workdir, 4)
   count = sum(x.size for x in jax.tree.leaves(params))
   assert f'total params: {count:,} elements' in out
-  missing = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(tmp_path / 'x')],
+  missing = subprocess.run([sys.executable, 'tools/inspect_checkpoint.py', str(workdir / 'x')],
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode == 2 and missing.stderr.strip().count('\n') == 0
   assert 'no such directory' in missing.stderr
