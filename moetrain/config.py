@@ -81,6 +81,11 @@ def default_config() -> ml_collections.ConfigDict:
   # model's blocks) in stages: with repeats r > 1 each stage holds r slices of it, one per round
   # of a circular schedule, and the stack's weights are stored [r, units / r, ...].
   m.pipeline_repeats = 1  # 1: GPipe (one contiguous slice per stage); > 1: circular
+  # Multi-token prediction (DeepSeek-V3, models/mtp.py): D modules after the last block,
+  # module k predicting the token k + 1 ahead with the shared embedding and output head.
+  # Training only: evaluation, generation and `moetrain.load` ignore them.
+  m.mtp_layers = 0  # D, the prediction depth; 0: none
+  m.mtp_loss_weight = 0.3  # λ: the objective adds λ × the mean of the depths' cross-entropies
 
   m.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # routed experts per MoE layer; 0 gives a dense model

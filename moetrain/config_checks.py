@@ -43,7 +43,8 @@ NON_NEGATIVE = (
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
     'train.profile_steps', 'model.moe.capacity_factor', 'model.moe.eval_capacity_factor',
-    'model.moe.exchange_nodes', 'model.moe.exchange_chunks',
+    'model.moe.exchange_nodes', 'model.moe.exchange_chunks', 'model.mtp_layers',
+    'model.mtp_loss_weight',
 )
 
 
@@ -154,6 +155,9 @@ def _validate_stages(config):
   if not m.scan_layers:
     raise ConfigError(f'mesh.stage={stages} needs model.scan_layers=True: stages split the '
                       'scanned layer stack')
+  if m.mtp_layers:
+    raise ConfigError(f'model.mtp_layers={m.mtp_layers} cannot run with mesh.stage={stages} '
+                      'yet: pipelined runs train without multi-token prediction')
   if units % (stages * repeats):
     raise ConfigError(f'the {units} units of the main layer stack must split over mesh.stage='
                       f'{stages} × model.pipeline_repeats={repeats}')

@@ -44,8 +44,10 @@ def parameter_counts(model_config) -> dict:
 
 def matmul_weights(model_config, counts: dict) -> int:
   """Weights one token multiplies by: the active ones but the embedding lookup, plus the
-  output layer when it is the tied embedding. `counts`: `parameter_counts(model_config)`."""
-  matmul = counts['active'] - counts['embedding']
+  output layer when it is the tied embedding, and the shared output layer again for each
+  multi-token-prediction depth. `counts`: `parameter_counts(model_config)`."""
+  head = model_config.vocab_size * model_config.d_model
+  matmul = counts['active'] - counts['embedding'] + model_config.mtp_layers * head
   return matmul + (counts['embedding'] if model_config.tie_embeddings else 0)
 
 
@@ -60,7 +62,7 @@ def flops_per_token(model_config, seq_len: int, counts: dict | None = None) -> f
     width = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
   else:
     width = 2 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-  return 6.0 * matmul + 6.0 * m.num_layers * seq_len * width
+  return 6.0 * matmul + 6.0 * (m.num_layers + m.mtp_layers) * seq_len * width
 
 
 def _bytes_per_device(tree, shardings) -> float:

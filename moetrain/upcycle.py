@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moetrain.models.transformer import is_moe_layer
+from moetrain.models.plan import is_moe_layer
 
 MLP_NAMES = ('w_gate', 'w_up', 'w_down')
 
@@ -219,7 +219,7 @@ def upcycle(dense_models: list, target_params: dict, model_config, init_config, 
     if any(name not in model for model in dense_models):
       raise ValueError(f'parameter {name}: in the MoE model but missing from a dense model')
     out[name] = average(name, [model[name] for model in dense_models], target)
-  for layer in range(model_config.num_layers):
+  for layer in range(model_config.num_layers + model_config.mtp_layers):
     prefix = f'blocks/{layer}/ffn/'
     mlps = dense_mlps(dense_models, layer)
     if is_moe_layer(model_config, layer):

@@ -39,17 +39,17 @@ def first_gradients(config, devices, local_batch, then=None):
     return result
 
 
-def train(config, devices, batch_at, steps: int):
-  """(losses of `steps` train steps of `config` on `devices`, the last step's metrics);
-  `batch_at(i)` is step i's local batch."""
+def train(config, devices, batch_at, steps: int, metric: str = 'loss'):
+  """(`metric` of each of `steps` train steps of `config` on `devices`, the last step's
+  metrics, the last state); `batch_at(i)` is step i's local batch."""
   mesh = make_mesh(config, devices)
   setup = make_setup(config, mesh)
   with jax.set_mesh(mesh):
-    state, step, losses = init_state(setup), make_train_step(setup), []
+    state, step, values = init_state(setup), make_train_step(setup), []
     for i in range(steps):
       state, metrics = step(state, trainer.global_batch(setup, batch_at(i)))
-      losses.append(metrics['loss'])
-    return np.array(jax.device_get(losses), np.float64), jax.device_get(metrics), state
+      values.append(metrics[metric])
+    return np.array(jax.device_get(values), np.float64), jax.device_get(metrics), state
 
 
 def compiled_train_step(config, devices) -> str:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from moetrain import config as config_lib
 from moetrain.convert import families
-from moetrain.models.transformer import is_moe_layer
+from moetrain.models.plan import is_moe_layer
 from moetrain.parallel import mesh as mesh_lib
 from moetrain.state import build_model
 

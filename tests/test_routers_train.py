@@ -63,6 +63,24 @@ def test_each_router_trains(router):
     assert 0 < float(np.mean(metrics['experts_per_token'])) <= 3
 
 
+def test_multi_token_prediction_trains_the_tiny_deepseek_v3_on_an_expert_mesh():
+  config = config_lib.load('configs/tiny_deepseek_v3.py', SMALL + [
+      '--config.model.mtp_layers=1', '--config.mesh.expert=2', '--config.mesh.data=2'])
+  mtp_losses, metrics, _ = train(config, jax.devices()[:4],
+                                 functools.partial(patterned_batch, config), 30, 'mtp_loss')
+  losses = np.asarray(metrics['loss'])
+  assert np.all(np.isfinite(mtp_losses)) and np.isfinite(losses)
+  # Both fall: the main loss of the last step, and the depth-1 loss from its first steps.
+  assert mtp_losses[-3:].mean() < 0.8 * mtp_losses[:3].mean(), mtp_losses
+  assert losses < 0.8 * np.log(config.model.vocab_size), losses
+  np.testing.assert_allclose(metrics['mtp_loss_per_depth'], [mtp_losses[-1]], rtol=1e-6)
+  # Layer 0 is dense, layer 1 MoE: the module's MoE block reports after it.
+  assert np.asarray(metrics['expert_fraction']).shape == (1 + 1, 8)
+  np.testing.assert_allclose(
+      metrics['total_loss'], metrics['loss'] + 0.3 * metrics['mtp_loss']
+      + 1e-4 * metrics['aux_loss'], rtol=1e-5)
+
+
 def one_step(config, devices):
   mesh = make_mesh(config, devices)
   setup = make_setup(config, mesh)

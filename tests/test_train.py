@@ -140,10 +140,14 @@ def test_negative_capacity_factor(tmp_path):
     (['--config.model.moe.capacity_factor=0', '--config.model.moe.router=expert_choice',
       '--config.train.sample_tokens=0'],
      ['model.moe.capacity_factor=0', 'model.moe.router=expert_choice']),
+    (['--config.model.mtp_layers=-1'], ['model.mtp_layers=-1 must be >= 0']),
+    (['--config.model.mtp_layers=1', '--config.model.scan_layers=true', '--config.mesh.stage=2',
+      '--config.train.microbatches=2'], ['model.mtp_layers=1', 'mesh.stage=2']),
 ])
-def test_capacity_factor_and_dispatch_refusals_name_the_fields(tmp_path, capsys, flags, fields):
+def test_refusals_name_the_fields(tmp_path, capsys, flags, fields):
   """Dropless is capacity_factor=0 and nothing else: every other way of saying it, or a
-  contradiction, is one line naming the fields, status 2, nothing written."""
+  contradiction, is one line naming the fields, status 2, nothing written. So is a negative
+  multi-token-prediction depth, or one with pipeline stages."""
   workdir = tmp_path / 'w'
   assert train.main(['--config', 'configs/tiny.py', '--workdir', str(workdir), *flags]) == 2
   lines = capsys.readouterr().err.strip().splitlines()

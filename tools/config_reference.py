@@ -23,7 +23,7 @@ OUTPUT = ROOT / 'docs' / 'config.md'
 # `c.model = m = ml_collections.ConfigDict()`: the alias m stands for the section model.
 _ALIAS = re.compile(r'^\s*(\w+(?:\.\w+)*)\s*=\s*(\w+)\s*=\s*ml_collections\.ConfigDict\(\)')
 _FIELD = re.compile(r'^\s*(\w+(?:\.\w+)+)\s*=\s*(.*?)\s*#\s?(.*?)\s*$')
-_CONTINUATION = re.compile(r'^\s*#\s+(.*?)\s*$')
+_CONTINUATION = re.compile(r'^\s*#\s{2,}(.*?)\s*$')
 
 
 class MissingComment(Exception):

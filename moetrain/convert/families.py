@@ -9,7 +9,7 @@ import dataclasses
 
 from moetrain import config as config_lib
 from moetrain.convert.safetensors_io import ConversionError
-from moetrain.models.transformer import is_moe_layer
+from moetrain.models.plan import is_moe_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +166,7 @@ def _deepseek_from_hf(m, e, hf: dict, source: str) -> None:
   e.routed_scaling_factor = float(hf.get('routed_scaling_factor', 1.0))
   e.num_groups, e.topk_groups = hf.get('n_group') or 1, hf.get('topk_group') or 1
   e.first_dense_layers = hf.get('first_k_dense_replace', 0)
+  m.mtp_layers = hf.get('num_nextn_predict_layers') or 0
   # The balancing bias is part of the model; DeepSeek-V3 updates it by 1e-3 and adds a
   # sequence-wise balance loss of weight 1e-4.
   e.bias_update_rate, e.aux_loss, e.aux_loss_weight = 1e-3, 'sequence', 1e-4
@@ -212,7 +213,7 @@ def config_to_hf(config, family: Family) -> dict:
                'n_shared_experts': e.num_shared_experts, 'n_group': e.num_groups,
                'topk_group': e.topk_groups, 'routed_scaling_factor': e.routed_scaling_factor,
                'first_k_dense_replace': e.first_dense_layers, 'moe_layer_freq': 1,
-               'rope_interleave': True, 'num_nextn_predict_layers': 0,
+               'rope_interleave': True, 'num_nextn_predict_layers': m.mtp_layers,
                'topk_method': 'noaux_tc', 'scoring_func': 'sigmoid'})
   _check_expressible(config, config_from_hf(hf), family)
   return hf
@@ -237,7 +238,7 @@ def _check_expressible(config, back, family: Family) -> None:
       node = node[part]
     return node.to_dict() if hasattr(node, 'to_dict') else node
   m = config.model
-  sizes = ['vocab_size', 'd_model', 'num_layers', 'num_heads']
+  sizes = ['vocab_size', 'd_model', 'num_layers', 'num_heads', 'mtp_layers']
   if m.attention == 'mha':
     sizes += ['num_kv_heads']
   if any(not is_moe_layer(m, i) for i in range(m.num_layers)):

@@ -15,7 +15,7 @@ from moetrain import checkpoint
 from moetrain.convert import families
 from moetrain.convert.safetensors_io import ConversionError, Reader, write_checkpoint
 from moetrain.models import layout
-from moetrain.models.transformer import is_moe_layer
+from moetrain.models.plan import is_moe_layer
 
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # buffers older checkpoints saved
 
@@ -79,12 +79,27 @@ def _mlp(prefix: str, name: str, expert=None, names=('gate_proj', 'up_proj', 'do
           for hf, ours in zip(names, ('w_gate', 'w_up', 'w_down'))]
 
 
+def _mtp(prefix: str, name: str, m) -> list:
+  """A DeepSeek-V3 multi-token-prediction layer's own tensors (its block is planned as a
+  layer's). It stores copies of the embedding and the output head, which moetrain shares."""
+  head = 'embed' if m.tie_embeddings else 'unembed'
+  return [Tensor(f'{prefix}.embed_tokens.weight', 'embed'),
+          Tensor(f'{prefix}.enorm.weight', f'{name}/enorm/scale'),
+          Tensor(f'{prefix}.hnorm.weight', f'{name}/hnorm/scale'),
+          Tensor(f'{prefix}.eh_proj.weight', f'{name}/eh_proj', in_dims=1),
+          Tensor(f'{prefix}.shared_head.norm.weight', f'{name}/norm/scale'),
+          Tensor(f'{prefix}.shared_head.head.weight', head, in_dims=None if m.tie_embeddings
+                 else 1)]
+
+
 def tensor_plan(config, family: families.Family, interleaved: bool = False) -> list:
   """Every tensor of `config`'s model in `family`'s naming, in checkpoint order."""
   m, e = config.model, config.model.moe
   plan = [Tensor('model.embed_tokens.weight', 'embed')]
-  for i in range(m.num_layers):
+  for i in range(m.num_layers + m.mtp_layers):
     hf, ours = f'model.layers.{i}', f'blocks/{i}'
+    if i >= m.num_layers:
+      plan += _mtp(hf, f'mtp/{i - m.num_layers}', m)
     plan += [Tensor(f'{hf}.input_layernorm.weight', f'{ours}/attention_norm/scale'),
              Tensor(f'{hf}.post_attention_layernorm.weight', f'{ours}/ffn_norm/scale')]
     plan += _attention(f'{hf}.self_attn', f'{ours}/attention', m, interleaved)
@@ -156,22 +171,32 @@ def _check_tensors(reader: Reader, plan: list, shapes: dict, source: str) -> Non
                             f'which does not fit moetrain {tensor.name} {list(target)}')
 
 
-def _leftovers(reader: Reader, plan: list, num_layers: int, source: str, log) -> None:
-  """Tensors no plan entry uses: multi-token-prediction layers are skipped with a notice,
-  anything else is refused."""
+def _leftovers(reader: Reader, plan: list, source: str) -> None:
+  """Tensors no plan entry uses are refused."""
   used = {tensor.hf_name for tensor in plan}
   extra = [name for name in reader.names() if name not in used and not reader.is_auxiliary(name)
            and not name.endswith(_IGNORED_SUFFIXES)]
-  mtp = [name for name in extra if name.startswith('model.layers.')
-         and int(name.split('.')[2]) >= num_layers]
-  if mtp:
-    layers = sorted({int(name.split('.')[2]) for name in mtp})
-    log(f'moetrain: skipping {len(mtp)} tensors of the multi-token-prediction layer(s) '
-        f'{", ".join(map(str, layers))}: moetrain trains without them')
-  unknown = [name for name in extra if name not in mtp]
-  if unknown:
-    raise ConversionError(f'{source}: tensor {unknown[0]} has no place in the moetrain model '
-                          f'this config.json describes ({len(unknown)} such tensors)')
+  if extra:
+    raise ConversionError(f'{source}: tensor {extra[0]} has no place in the moetrain model '
+                          f'this config.json describes ({len(extra)} such tensors)')
+
+
+def _mtp_layers_present(reader: Reader, config, source: str, log) -> int:
+  """The multi-token-prediction layers the files hold: the layers numbered after the decoder's
+  N. transformers saves DeepSeek-V3 without them although its config.json declares one: such
+  a checkpoint converts without them, with a notice."""
+  n, declared = config.model.num_layers, config.model.mtp_layers
+  present = sorted({int(name.split('.')[2]) for name in reader.names()
+                    if name.startswith('model.layers.') and int(name.split('.')[2]) >= n})
+  if declared and not present:
+    log(f'moetrain: {source}: config.json declares {declared} multi-token-prediction layer(s) '
+        'but the checkpoint holds none; converting without them')
+    return 0
+  if declared and present != list(range(n, n + declared)):
+    raise ConversionError(f'{source}: config.json declares num_nextn_predict_layers='
+                          f'{declared}, but the checkpoint holds layers '
+                          f'{", ".join(map(str, present))} after its {n} decoder layers')
+  return declared
 
 
 def hf_to_moetrain(folder, out_dir, *, progress=None, log=None) -> object:
@@ -184,19 +209,26 @@ def hf_to_moetrain(folder, out_dir, *, progress=None, log=None) -> object:
     source = str(folder)
     family = families.family_of(hf_config, source)
     config = families.config_from_hf(hf_config, f'{folder}/config.json')
+    config.model.mtp_layers = _mtp_layers_present(reader, config, source, log)
     interleaved = bool(hf_config.get('rope_interleave', family.model_type == 'deepseek_v3'))
     plan = tensor_plan(config, family, interleaved)
     trees, shapes = _zeros(config.model)
     _check_tensors(reader, plan, shapes, source)
-    _leftovers(reader, plan, config.model.num_layers, source, log)
+    _leftovers(reader, plan, source)
     block = (hf_config.get('quantization_config') or {}).get('weight_block_size')
+    first = {}  # (kind, name, expert) → the Hugging Face tensor that filled it
     for tensor in plan:
       target = shapes[tensor.kind][tensor.name]
       if tensor.expert is not None:
         target = target[tensor.expert]
-      value = (reader.get_dequantized(tensor.hf_name, block) if block else
-               reader.get_dequantized(tensor.hf_name))
-      target[...] = to_moetrain(tensor, value, target.shape)
+      value = to_moetrain(tensor, (reader.get_dequantized(tensor.hf_name, block) if block else
+                                   reader.get_dequantized(tensor.hf_name)), target.shape)
+      value = value.astype(target.dtype)
+      filled = first.setdefault((tensor.kind, tensor.name, tensor.expert), tensor.hf_name)
+      if filled != tensor.hf_name and value.tobytes() != target.tobytes():
+        raise ConversionError(f'{source}: tensor {tensor.hf_name} differs from {filled}; '
+                              'moetrain shares them')
+      target[...] = value
       if progress:
         progress(tensor.hf_name)
   checkpoint.save_model(out_dir, trees['params'], trees['buffers'], config)

@@ -3,7 +3,8 @@
 `nnx.to_pure_dict` of a `Transformer` nests arrays by module path; with `scan_layers` the
 blocks are stacked into `dense_stack`, `moe_stack` and `tail`. Conversion and upcycling work
 per layer instead, on names such as `blocks/3/attention/wq` or `blocks/3/ffn/w_gate` (the
-unscanned paths). `to_layers` and `from_layers` translate between the two, for numpy arrays on
+unscanned paths; the block of multi-token-prediction module j is `blocks/{N + j}` after the N
+main layers). `to_layers` and `from_layers` translate between the two, for numpy arrays on
 the host and for jax arrays inside a jitted function alike. A circular pipeline stores its main
 stack as [repeats, units / repeats]: the stack in order, row by row.
 """
@@ -50,9 +51,32 @@ def _repeated(name: str, model_config) -> bool:
           and name.startswith(main_stack(model_config) + '/'))
 
 
+def _mtp_to_layers(flat: dict, num_layers: int) -> dict:
+  """Multi-token-prediction module j's block `mtp/j/block/…` → `blocks/{N + j}/…`, numbered
+  after the N main layers as DeepSeek-V3 numbers it; its other arrays keep their names."""
+  out = {}
+  for name, value in flat.items():
+    parts = name.split('/')
+    if parts[0] == 'mtp' and parts[2] == 'block':
+      name = '/'.join(['blocks', str(num_layers + int(parts[1]))] + parts[3:])
+    out[name] = value
+  return out
+
+
+def _mtp_from_layers(flat: dict, num_layers: int) -> dict:
+  """The inverse of `_mtp_to_layers`."""
+  out = {}
+  for name, value in flat.items():
+    parts = name.split('/')
+    if parts[0] == 'blocks' and int(parts[1]) >= num_layers:
+      name = '/'.join(['mtp', str(int(parts[1]) - num_layers), 'block'] + parts[2:])
+    out[name] = value
+  return out
+
+
 def to_layers(tree: dict, model_config) -> dict:
   """A params (or buffers) tree in the model's layout → flat per-layer names."""
-  flat = flatten(tree)
+  flat = _mtp_to_layers(flatten(tree), model_config.num_layers)
   if not model_config.get('scan_layers', False):
     return flat
   out = {}
@@ -75,6 +99,7 @@ def to_layers(tree: dict, model_config) -> dict:
 
 def from_layers(flat: dict, model_config) -> dict:
   """Flat per-layer names → the tree `nnx.to_pure_dict` gives for `model_config`'s layout."""
+  flat = _mtp_from_layers(flat, model_config.num_layers)
   if not model_config.get('scan_layers', False):
     return unflatten(flat)
   dense, units, length, tail = layer_plan(model_config)

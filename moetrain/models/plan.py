@@ -15,3 +15,11 @@ def layer_plan(config):
 def main_stack(config) -> str:
   """The scanned stack that pipeline stages split: the MoE units, or a dense model's blocks."""
   return 'moe_stack' if layer_plan(config)[1] else 'dense_stack'
+
+
+def is_moe_layer(config, index: int) -> bool:
+  """Every `layer_interval`-th block after `first_dense_layers` is MoE (Qwen's sparse step)."""
+  moe = config.moe
+  if not moe.num_experts or index < moe.first_dense_layers:
+    return False
+  return (index - moe.first_dense_layers + 1) % moe.layer_interval == 0

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moetrain.models.attention import Attention
+from moetrain.models.block import Block
 from moetrain.models.layers import KVCache, RMSNorm, param
 from moetrain.models.mla import LatentAttention
-from moetrain.models.mlp import MLP
-from moetrain.models.moe import MoE
-from moetrain.models.plan import layer_plan, main_stack
+from moetrain.models.mtp import MultiTokenPrediction, shift_left
+from moetrain.models.plan import is_moe_layer, layer_plan, main_stack
 from moetrain.models import routing_stats
 from moetrain.parallel import mesh as mesh_lib, sharding, stages
 
@@ -24,38 +24,6 @@ def init_cache(model, batch: int, length: int) -> None:
       k_shape, v_shape = module.cache_shapes(batch, length)
       module.cache_k = KVCache(jnp.zeros(stacked + k_shape, dtype))
       module.cache_v = KVCache(jnp.zeros(stacked + v_shape, dtype))
-
-
-def is_moe_layer(config, index: int) -> bool:
-  """Every `layer_interval`-th block after `first_dense_layers` is MoE (Qwen's sparse step)."""
-  moe = config.moe
-  if not moe.num_experts or index < moe.first_dense_layers:
-    return False
-  return (index - moe.first_dense_layers + 1) % moe.layer_interval == 0
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: attention, then a dense MLP or an MoE feed-forward."""
-
-  def __init__(self, config, moe: bool, *, rngs: nnx.Rngs, mesh=None):
-    self.attention_norm = RMSNorm(config.d_model, config)
-    self.attention = (LatentAttention(config, rngs=rngs, mesh=mesh) if config.attention == 'mla'
-                      else Attention(config, rngs=rngs, mesh=mesh))
-    self.ffn_norm = RMSNorm(config.d_model, config)
-    self.ffn = (MoE(config, rngs=rngs, mesh=mesh) if moe else
-                MLP(config, config.d_ff, rngs=rngs))
-    self.mesh = mesh
-
-  def __call__(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
-               rng):
-    x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD), positions_BxL,
-                                       segments_BxL)
-    h_BxLxD = self.ffn_norm(x_BxLxD)
-    if isinstance(self.ffn, MoE):
-      y_BxLxD, stats = self.ffn(h_BxLxD, mask_BxL, capacity_factor, train=train, rng=rng)
-    else:
-      y_BxLxD, stats = self.ffn(h_BxLxD), None
-    return sharding.constrain(x_BxLxD + y_BxLxD, self.mesh, 'batch', None, None), stats
 
 
 # `train.remat` → the `jax.checkpoint` policy of each block (None: no rematerialisation).
@@ -123,7 +91,12 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(config.d_model, config)
     self.unembed = (None if config.tie_embeddings else
                     param(rngs, (config.d_model, config.vocab_size), ('embed', 'vocab'), config))
+    # Made last, so that the main model's parameters do not depend on them.
+    self.mtp = (nnx.List([MultiTokenPrediction(config, config.num_layers + k, rngs=rngs,
+                                               mesh=mesh)
+                          for k in range(config.mtp_layers)]) if config.mtp_layers else None)
     self.num_experts = config.moe.num_experts
+    self.num_layers = config.num_layers
     # Expert choice routes each token by comparing it with later tokens of its group.
     self.causal = not (config.moe.num_experts and config.moe.router == 'expert_choice')
     self.dtype = jnp.dtype(config.dtype)
@@ -153,25 +126,55 @@ class Transformer(nnx.Module):
     rows = (positions_BxL, segments_BxL, mask_BxL)
     if tokens_BxL.ndim == 3:
       return self._pipelined(tokens_BxL, rows, capacity_factor, train, rng)
-    x_BxLxD = self._embed(tokens_BxL)
-    args = (*rows, capacity_factor, train, rng)
-    if self.scan_layers:
-      x_BxLxD, layer_stats = self._scanned(x_BxLxD, *args)
-    else:
-      layer_stats = []
-      for index, block in enumerate(self.blocks):
-        x_BxLxD, stats = self._block(block, index, x_BxLxD, *args)
-        if stats is not None:
-          layer_stats.append(stats)
-      layer_stats = self._stack(layer_stats)
+    x_BxLxD, layer_stats = self._hidden(tokens_BxL, (*rows, capacity_factor, train, rng))
     return self._logits(x_BxLxD), layer_stats
+
+  def forward_mtp(self, tokens_BxL, mask_BxL, capacity_factor: float = 0.0, *,
+                  train: bool = False, rng=None, segments_BxL=None, positions_BxL=None):
+    """`forward` with the multi-token-prediction modules (`models.mtp`): (logits [B, L, V],
+    logits of each depth [D, B, L, V], the stats of the main model's MoE layers followed by
+    those of the MTP modules' MoE blocks). Depth k's logits at position i predict the token
+    k places after position i's target; the last k positions of a row are masked out of its
+    routing (their logits mean nothing)."""
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[-1]), tokens_BxL.shape)
+    rows = (positions_BxL, segments_BxL, mask_BxL)
+    h_BxLxD, layer_stats = self._hidden(tokens_BxL, (*rows, capacity_factor, train, rng))
+    logits_BxLxV = self._logits(h_BxLxD)
+    depth_logits, depth_stats = [], []
+    for k, module in enumerate(self.mtp, start=1):
+      embedded_BxLxD = self._embed(shift_left(tokens_BxL, k, 0))
+      h_BxLxD, stats = self._block(
+          module.block, self.num_layers + k - 1, module.combine(h_BxLxD, embedded_BxLxD),
+          positions_BxL, segments_BxL, shift_left(mask_BxL, k, False), capacity_factor,
+          train, rng)
+      depth_logits.append(self._logits(h_BxLxD, module.norm))
+      if stats is not None:
+        depth_stats.append(stats)
+    if depth_stats:
+      layer_stats = jax.tree.map(lambda main, *more: jnp.concatenate([main, jnp.stack(more)]),
+                                 layer_stats, *depth_stats)
+    return logits_BxLxV, jnp.stack(depth_logits), layer_stats
+
+  def _hidden(self, tokens_BxL, args):
+    """The last block's output (before the final norm) and the MoE layers' stats, stacked."""
+    x_BxLxD = self._embed(tokens_BxL)
+    if self.scan_layers:
+      return self._scanned(x_BxLxD, *args)
+    layer_stats = []
+    for index, block in enumerate(self.blocks):
+      x_BxLxD, stats = self._block(block, index, x_BxLxD, *args)
+      if stats is not None:
+        layer_stats.append(stats)
+    return x_BxLxD, self._stack(layer_stats)
 
   def _embed(self, tokens_BxL):
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
     return sharding.constrain(x_BxLxD, self.mesh, 'batch', None, None)
 
-  def _logits(self, x_BxLxD):
-    x_BxLxD = self.final_norm(x_BxLxD)
+  def _logits(self, x_BxLxD, norm=None):
+    """The shared output head after `norm` (the final norm by default): float32 [B, L, V]."""
+    x_BxLxD = (self.final_norm if norm is None else norm)(x_BxLxD)
     unembed = self.embed[...].T if self.unembed is None else self.unembed[...]
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed.astype(self.dtype))
     return logits_BxLxV.astype(jnp.float32)

@@ -127,7 +127,6 @@ def _is_quantised_linear(name: str, value: np.ndarray) -> bool:
 def test_deepseek_v3_fp8_weights_convert_to_the_block_by_block_reference(tmp_path):
   source = _bf16_model('deepseek_v3', tmp_path)
   config = json.loads((source / 'config.json').read_text())
-  layers, width = config['num_hidden_layers'], config['hidden_size']
   fp8, reference, quantised_names = {}, {}, []
   for name, value in _tensors(source).items():
     if _is_quantised_linear(name, value):
@@ -140,21 +139,12 @@ def test_deepseek_v3_fp8_weights_convert_to_the_block_by_block_reference(tmp_pat
   shapes = {fp8[name].shape for name in quantised_names}
   assert any(rows % BLOCK for rows, _ in shapes) and all(
       fp8[name + '_scale_inv'].size > 1 for name in quantised_names)
-  # One multi-token-prediction layer after the last decoder layer, as DeepSeek-V3 ships.
-  mtp = f'model.layers.{layers}'
-  fp8[f'{mtp}.enorm.weight'] = fp8[f'{mtp}.hnorm.weight'] = np.ones(width, ml_dtypes.bfloat16)
-  fp8[f'{mtp}.eh_proj.weight'], fp8[f'{mtp}.eh_proj.weight_scale_inv'] = _quantise(
-      np.random.default_rng(0).standard_normal((width, 2 * width)))
   _save_folder(tmp_path / 'fp8', fp8, {**config, 'quantization_config': QUANTIZATION})
   _save_folder(tmp_path / 'reference', reference, config)
 
-  notices = []
-  converted = hf.hf_to_moetrain(tmp_path / 'fp8', tmp_path / 'from_fp8', log=notices.append)
+  converted = hf.hf_to_moetrain(tmp_path / 'fp8', tmp_path / 'from_fp8', log=print)
   assert converted.model.param_dtype == 'bfloat16'
-  assert len(notices) == 1 and '\n' not in notices[0], notices
-  assert 'skipping 3 tensors of the multi-token-prediction layer(s) 3' in notices[0]
-  hf.hf_to_moetrain(tmp_path / 'reference', tmp_path / 'from_reference', log=notices.append)
-  assert len(notices) == 1
+  hf.hf_to_moetrain(tmp_path / 'reference', tmp_path / 'from_reference', log=print)
 
   got, want = _weights(tmp_path / 'from_fp8'), _weights(tmp_path / 'from_reference')
   assert sorted(got) == sorted(want)
@@ -167,6 +157,66 @@ def test_deepseek_v3_fp8_weights_convert_to_the_block_by_block_reference(tmp_pat
   # near a tie between two experts may route differently), the logits agree to rounding.
   expected = _hf_logits(tmp_path / 'reference')
   assert np.abs(_logits(tmp_path / 'from_fp8', compute_dtype='float32') - expected).max() <= 1e-4
+
+
+def _with_mtp_layer(tensors: dict, layers: int) -> dict:
+  """`tensors` of a DeepSeek-V3 of `layers` layers plus one multi-token-prediction layer after
+  them, as DeepSeek-V3 ships it: a decoder layer's tensors (the last layer's, perturbed), its
+  norms and 2d → d projection, and copies of the embedding and the output head."""
+  rng = np.random.default_rng(2)
+  mtp, last = f'model.layers.{layers}', f'model.layers.{layers - 1}'
+  out = dict(tensors)
+  for name, value in tensors.items():
+    if name.startswith(last + '.'):
+      noise = 0.01 * rng.standard_normal(value.shape)
+      out[mtp + name[len(last):]] = (value.astype(np.float32) + noise).astype(value.dtype)
+  width = tensors['model.norm.weight'].shape[0]
+  for name in ('enorm', 'hnorm', 'shared_head.norm'):
+    out[f'{mtp}.{name}.weight'] = (1 + 0.1 * rng.standard_normal(width)).astype(np.float32)
+  out[f'{mtp}.eh_proj.weight'] = 0.05 * rng.standard_normal((width, 2 * width)).astype(np.float32)
+  out[f'{mtp}.embed_tokens.weight'] = tensors['model.embed_tokens.weight'].copy()
+  out[f'{mtp}.shared_head.head.weight'] = tensors['lm_head.weight'].copy()
+  return out
+
+
+def test_deepseek_v3_multi_token_prediction_layer_converts_and_round_trips_bitwise(tmp_path):
+  _hf_model('deepseek_v3', tmp_path / 'made')
+  config = json.loads((tmp_path / 'made' / 'config.json').read_text())
+  layers = config['num_hidden_layers']
+  assert config['num_nextn_predict_layers'] == 1  # declared, but transformers saves none
+  tensors = _with_mtp_layer(_tensors(tmp_path / 'made'), layers)
+  _save_folder(tmp_path / 'hf', tensors, config)
+
+  notices = []
+  converted = hf.hf_to_moetrain(tmp_path / 'hf', tmp_path / 'moetrain', log=notices.append)
+  assert converted.model.mtp_layers == 1 and not notices
+  weights = _weights(tmp_path / 'moetrain')
+  mtp = f'model.layers.{layers}'
+  np.testing.assert_array_equal(weights['params/mtp/0/eh_proj'],
+                                tensors[f'{mtp}.eh_proj.weight'].T)
+  np.testing.assert_array_equal(weights['params/mtp/0/norm/scale'],
+                                tensors[f'{mtp}.shared_head.norm.weight'])
+  np.testing.assert_array_equal(weights[f'params/blocks/{layers}/ffn/w_down'][1],
+                                tensors[f'{mtp}.mlp.experts.1.down_proj.weight'].T)
+  np.testing.assert_array_equal(weights[f'buffers/blocks/{layers}/ffn/router_bias'],
+                                tensors[f'{mtp}.mlp.gate.e_score_correction_bias'])
+
+  hf.moetrain_to_hf(tmp_path / 'moetrain', tmp_path / 'back')
+  _assert_same_tensors(tmp_path / 'hf', tmp_path / 'back')
+  back = json.loads((tmp_path / 'back' / 'config.json').read_text())
+  assert back['num_nextn_predict_layers'] == 1
+
+  # The layer's copy of the output head must be the head: moetrain shares it.
+  tensors[f'{mtp}.shared_head.head.weight'] = tensors[f'{mtp}.shared_head.head.weight'] * 2
+  _save_folder(tmp_path / 'other_head', tensors, config)
+  with pytest.raises(hf.ConversionError,
+                     match=f'lm_head.weight differs from {mtp}.shared_head.head.weight'):
+    hf.hf_to_moetrain(tmp_path / 'other_head', tmp_path / 'refused')
+  assert not (tmp_path / 'refused').exists()
+  # The declared layer without its tensors (as transformers saves): converted without it.
+  hf.hf_to_moetrain(tmp_path / 'made', tmp_path / 'without', log=notices.append)
+  assert len(notices) == 1 and 'declares 1 multi-token-prediction layer(s) but the checkpoint ' \
+      'holds none' in notices[0]
 
 
 def test_bfloat16_mixtral_round_trips_bitwise_and_stays_bfloat16(tmp_path):

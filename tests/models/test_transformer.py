@@ -9,7 +9,8 @@ from flax import nnx
 
 from moetrain import config as config_lib
 from moetrain.models.moe import MoE
-from moetrain.models.transformer import Transformer, is_moe_layer
+from moetrain.models.plan import is_moe_layer
+from moetrain.models.transformer import Transformer
 
 
 def tiny_model_config(**moe):
