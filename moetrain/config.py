@@ -76,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # std of the normal initialiser of all projections
   m.dtype = 'float32'  # activation/compute dtype (router and loss always float32)
   m.param_dtype = 'float32'  # parameter storage dtype
+  m.fp8 = 'none'  # FP8 matmuls of the projections, MLPs and experts (docs/fp8.md): none |
+  #                 tensorwise (a scale per tensor) | blockwise (DeepSeek-V3's 1×128 and 128×128
+  #                 blocks); router, embedding, output layer, norms, softmax and loss keep dtype
   m.scan_layers = False  # run identical blocks as one scanned stack (compile time flat in depth)
   # Pipeline parallelism (mesh.stage > 1) runs the main scanned stack (the MoE units; a dense
   # model's blocks) in stages: with repeats r > 1 each stage holds r slices of it, one per round

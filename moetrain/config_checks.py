@@ -12,6 +12,7 @@ ENUMS = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': ('mha', 'mla'),
     'model.qk_norm': ('none', 'per_head', 'full'),
+    'model.fp8': ('none', 'tensorwise', 'blockwise'),
     'model.rope_scaling.type': ('none', 'yarn', 'llama3'),
     'init.upcycle': ('copy', 'drop', 'granular'),
     'model.moe.router': ('softmax', 'sigmoid', 'expert_choice'),

@@ -1,7 +1,8 @@
 """What a config's train step costs on a target accelerator, without running it there.
 
 The real train step is lowered and compiled for a mesh of CPU devices standing in for the
-target's (`jax.jit(...).lower(abstract state).compile()`, nothing allocated), and read back:
+target's (`jax.jit(...).lower(abstract state).compile()`, nothing allocated; without FP8, which
+`fp8_cost` models from it), and read back:
 XLA's cost analysis (FLOPs, bytes accessed), its memory analysis (per-device peak) and the
 optimized per-device HLO (collectives and loop trip counts, `hlo_stats`). Two corrections make
 the CPU figures those of an accelerator:
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moetrain import hardware, hlo_stats, summary
+from moetrain import fp8_cost, hardware, hlo_stats, summary
 from moetrain.models import routing, two_level
 from moetrain.models.transformer import layer_plan
 from moetrain.parallel.mesh import AXES, BATCH_AXES, make_mesh
@@ -61,6 +62,7 @@ class Exchange:
   num_experts: int
   num_groups: int  # group-limited routing
   topk_groups: int
+  fp8_matmuls: bool = False  # model.fp8: the experts' matmuls at the chip's FP8 rate
 
   @property
   def groups(self) -> list[list[int]]:
@@ -93,6 +95,8 @@ class StepCost:
   exchange: Exchange | None  # None without expert parallelism
   xla_memory: dict  # memory_analysis(): argument, output, alias, temp, peak
   estimated_memory: dict  # summary.memory_per_device (params and optimizer exact)
+  # Of the FLOPs, those in FP8 matmuls (model.fp8, `fp8_cost`).
+  fp8_fraction: float = dataclasses.field(default=0.0, kw_only=True)
 
   @property
   def minimum_traffic(self) -> float:
@@ -124,14 +128,9 @@ def _role(collective) -> str:
   return 'exchange' if exchange else collective.kind
 
 
-def step_cost(config, devices=None) -> StepCost:
-  """Compiles `config`'s train step for `devices` (default: all) and reads its costs. Its
-  expert exchange compiles flat, in one chunk: stand-in CPU devices share no nodes and need not
-  quantise, chunks move the same bytes, and every way to run the exchange is modelled from the
-  flat one's bytes (`exchange_cost`; `exchange` keeps the config's own settings)."""
-  flat = config.copy_and_resolve_references()
-  moe = flat.model.moe
-  moe.exchange_chunks, moe.exchange_nodes, moe.exchange_dtype = 1, 1, ''
+def _compile(flat, devices) -> tuple:
+  """The stand-in step of `flat` compiled on `devices`, read back: (mesh, compile seconds,
+  XLA's cost analysis, `hlo_stats.module_stats`, XLA's memory analysis, the memory estimate)."""
   mesh = make_mesh(flat, devices)
   setup = make_setup(flat, mesh)
   with jax.set_mesh(mesh):
@@ -140,26 +139,50 @@ def step_cost(config, devices=None) -> StepCost:
     compiled = make_train_step(setup).lower(state, batch).compile()
     seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  stats = hlo_stats.module_stats(compiled.as_text())
+  memory = compiled.memory_analysis()
+  xla_memory = {name: float(getattr(memory, f'{name}_size_in_bytes'))
+                for name in ('argument', 'output', 'alias', 'temp')}
+  xla_memory['peak'] = (xla_memory['argument'] + xla_memory['output'] - xla_memory['alias']
+                        + xla_memory['temp'])
+  return (mesh, seconds, cost[0] if isinstance(cost, list) else cost,
+          hlo_stats.module_stats(compiled.as_text()), xla_memory,
+          summary.memory_per_device(setup, state))
+
+
+_COMPILED = {}  # (stand-in config, devices) -> `_compile`'s result
+
+
+def step_cost(config, devices=None) -> StepCost:
+  """Compiles `config`'s train step for `devices` (default: all) and reads its costs. Its
+  expert exchange compiles flat, in one chunk, and without FP8: stand-in CPU devices share no
+  nodes and need not quantise, chunks move the same bytes, and every way to run the exchange is
+  modelled from the flat one's bytes (`exchange_cost`; `exchange` keeps the config's own
+  settings), FP8 matmuls from the bf16 step (`fp8_cost`). Configs that differ only there share
+  one compilation (held for this process)."""
+  flat = config.copy_and_resolve_references()
+  moe = flat.model.moe
+  moe.exchange_chunks, moe.exchange_nodes, moe.exchange_dtype = 1, 1, ''
+  flat.model.fp8 = 'none'
+  devices = tuple(devices or jax.devices())
+  key = (flat.to_json(), devices)
+  if key not in _COMPILED:
+    _COMPILED[key] = _compile(flat, devices)
+  mesh, seconds, cost, stats, xla_memory, estimated_memory = _COMPILED[key]
   widths = _collective_widths(config.model)
+  fp8_width = fp8_cost.gathered_width(config, dict(mesh.shape))
   sent, largest = {}, {}
   node_maps = {chip.node_size: hardware.node_map(mesh.size, chip.node_size)
                for chip in hardware.CHIPS.values()}
   links = {size: {} for size in node_maps}
   for collective, times in stats.collectives:
     scale = widths[collective.kind] / 4 if collective.dtype == 'f32' else 1.0
+    scale = fp8_cost.gather_scale(collective, fp8_width) or scale
     sent[collective.kind] = sent.get(collective.kind, 0.0) + times * collective.bytes_sent(scale)
     largest[collective.kind] = max(largest.get(collective.kind, 1), collective.group_size)
     for size, node_of in node_maps.items():
       role = links[size].setdefault(_role(collective), dict.fromkeys(hardware.LINKS, 0.0))
       for link, value in collective.link_bytes(node_of, scale).items():
         role[link] += times * value
-  memory = compiled.memory_analysis()
-  xla_memory = {name: float(getattr(memory, f'{name}_size_in_bytes'))
-                for name in ('argument', 'output', 'alias', 'temp')}
-  xla_memory['peak'] = (xla_memory['argument'] + xla_memory['output'] - xla_memory['alias']
-                        + xla_memory['temp'])
   return StepCost(
       devices=mesh.size, mesh=dict(mesh.shape), tokens=config.train.batch_size *
       config.train.seq_len, compile_seconds=seconds,
@@ -171,8 +194,8 @@ def step_cost(config, devices=None) -> StepCost:
       collective_bytes=sent, collective_groups=largest, link_bytes=links,
       exchange=(exchange_shape(config, dict(mesh.shape))
                 if any(_role(c) == 'exchange' for c, _ in stats.collectives) else None),
-      xla_memory=xla_memory,
-      estimated_memory=summary.memory_per_device(setup, state))
+      xla_memory=xla_memory, estimated_memory=estimated_memory,
+      fp8_fraction=fp8_cost.fp8_fraction(config, hand_flops))
 
 
 def _routed_rows(moe, seq_len: int) -> int:
@@ -239,7 +262,7 @@ def exchange_shape(config, mesh: dict) -> Exchange:
       pipelines=moe_layers * microbatches, forward_passes=1 + (t.remat != 'none'),
       expert_flops=2.0 * 3 * m.d_model * (moe.d_expert or m.d_ff) * rows / mesh['tensor'],
       width=jnp.dtype(m.dtype).itemsize, top_k=moe.top_k, num_experts=moe.num_experts,
-      num_groups=moe.num_groups, topk_groups=moe.topk_groups)
+      num_groups=moe.num_groups, topk_groups=moe.topk_groups, fp8_matmuls=m.fp8 != 'none')
 
 
 def chunk_pipeline(dispatch_s: float, compute_s: float, combine_s: float, chunks: int,
@@ -312,7 +335,7 @@ def _exchange_at(exchange, flat, chip, variant, chunks) -> dict:
   ratio = fp8_ratio(exchange.width) if variant.fp8 and not two_levels else 1.0
   dispatch_s, wide_s = link_s(ratio), link_s(1.0)
   latency = chip.latency('inter' if nodes > 1 else 'intra')
-  compute = exchange.expert_flops / exchange.pipelines / chip.peak_flops
+  compute = exchange.expert_flops / exchange.pipelines / chip.matmul_flops(exchange.fp8_matmuls)
   forward = chunk_pipeline(dispatch_s, compute, wide_s, chunks, latency)
   backward = chunk_pipeline(wide_s, 2 * compute, wide_s, chunks, latency)  # in bf16
   passes = exchange.forward_passes
@@ -388,7 +411,7 @@ def _with_exchange(cost, chip, variant=None) -> tuple[dict | None, float]:
 def roofline(cost: StepCost, model_flops: float, chip: hardware.Chip) -> dict:
   """Step time and MFU of `cost` on `chip` (one per stand-in device), its exchange run as
   configured; the other collectives not overlapped."""
-  compute = cost.flops / chip.peak_flops
+  compute = fp8_cost.compute_seconds(cost.flops, cost.fp8_fraction, chip)
   memory = cost.minimum_traffic / chip.hbm_bandwidth
   collectives = _others_s(cost, chip)
   exchange, exposed = _with_exchange(cost, chip)
@@ -413,7 +436,8 @@ def exchange_variants(cost: StepCost, chip: hardware.Chip) -> list[dict]:
   exchange."""
   if cost.exchange is None:
     return []
-  compute = max(cost.flops / chip.peak_flops, cost.minimum_traffic / chip.hbm_bandwidth)
+  compute = max(fp8_cost.compute_seconds(cost.flops, cost.fp8_fraction, chip),
+                cost.minimum_traffic / chip.hbm_bandwidth)
   rows = []
   for variant in VARIANTS:
     row, exposed = _with_exchange(cost, chip, variant)

@@ -1,6 +1,7 @@
-"""Accelerators the cost model and MFU know: peak bf16 FLOP/s, memory, and the two link classes.
+"""Accelerators the cost model and MFU know: peak bf16 and FP8 FLOP/s, memory, and the two link
+classes.
 
-Figures are the vendors' datasheet numbers (dense bf16, no sparsity). A step that runs at the
+Figures are the vendors' datasheet numbers (dense, no sparsity). A step that runs at the
 datasheet peak is 100% MFU; real kernels reach well under it (docs/performance.md: ~690
 TFLOP/s for a large bf16 matmul on an H100, 70% of its 989).
 
@@ -21,6 +22,7 @@ LINKS = ('intra', 'inter')  # inside a node; between nodes
 class Chip:
   name: str
   peak_flops: float  # dense bf16 FLOP/s
+  fp8_flops: float  # dense FP8 FLOP/s; 0 where the chip has no FP8 matmul unit
   hbm_bytes: float  # memory per chip
   hbm_bandwidth: float  # bytes/s
   link_bandwidth: float  # bytes/s one chip sends inside its node (NVLink, ICI)
@@ -33,6 +35,11 @@ class Chip:
   network_latency: float = 50e-6
   source: str = ''
 
+  def matmul_flops(self, fp8: bool) -> float:
+    """FLOP/s of matmuls with FP8 operands (`fp8`) or bf16 ones: a chip without an FP8 unit
+    runs FP8 matmuls at its bf16 rate (their operands widened)."""
+    return self.fp8_flops if fp8 and self.fp8_flops else self.peak_flops
+
   def bandwidth(self, link: str) -> float:
     """Bytes/s one chip sends over `link` ('intra' or 'inter')."""
     return self.link_bandwidth if link == 'intra' else self.network_bandwidth
@@ -44,25 +51,29 @@ class Chip:
 
 CHIPS = {
     'h100': Chip(
-        'NVIDIA H100 SXM5 80GB', peak_flops=989e12, hbm_bytes=80e9, hbm_bandwidth=3.35e12,
+        'NVIDIA H100 SXM5 80GB', peak_flops=989e12, fp8_flops=1979e12, hbm_bytes=80e9,
+        hbm_bandwidth=3.35e12,
         # NVLink 4: 900 GB/s per GPU counting both directions; one 400 Gb/s InfiniBand NIC
         # per GPU between nodes.
         link_bandwidth=450e9, node_size=8, network_bandwidth=50e9,
         link_names=('NVLink', 'InfiniBand'),
         source='NVIDIA H100 Tensor Core GPU datasheet (SXM5), DGX H100 user guide'),
     'h200': Chip(
-        'NVIDIA H200 SXM 141GB', peak_flops=989e12, hbm_bytes=141e9, hbm_bandwidth=4.8e12,
+        'NVIDIA H200 SXM 141GB', peak_flops=989e12, fp8_flops=1979e12, hbm_bytes=141e9,
+        hbm_bandwidth=4.8e12,
         link_bandwidth=450e9, node_size=8, network_bandwidth=50e9,
         link_names=('NVLink', 'InfiniBand'),
         source='NVIDIA H200 Tensor Core GPU datasheet (SXM)'),
     'tpu-v5p': Chip(
-        'Google TPU v5p', peak_flops=459e12, hbm_bytes=95e9, hbm_bandwidth=2765e9,
+        # No FP8 in the MXU (its 918 TOPS are int8): FP8 matmuls run at the bf16 rate.
+        'Google TPU v5p', peak_flops=459e12, fp8_flops=0.0, hbm_bytes=95e9,
+        hbm_bandwidth=2765e9,
         # 4800 Gb/s of inter-chip interconnect per chip, all links of the 3D torus together;
         # slices reach 8960 chips, so every collective inside a slice uses ICI.
         link_bandwidth=600e9, node_size=8960, network_bandwidth=25e9, link_names=('ICI', 'DCN'),
         source='cloud.google.com/tpu/docs/v5p (system architecture: per-chip specifications)'),
     'tpu-v5e': Chip(
-        'Google TPU v5e', peak_flops=197e12, hbm_bytes=16e9, hbm_bandwidth=819e9,
+        'Google TPU v5e', peak_flops=197e12, fp8_flops=0.0, hbm_bytes=16e9, hbm_bandwidth=819e9,
         link_bandwidth=200e9, node_size=256, network_bandwidth=25e9, link_names=('ICI', 'DCN'),
         source='cloud.google.com/tpu/docs/v5e (system architecture: per-chip specifications)'),
 }

@@ -29,7 +29,7 @@ import dataclasses
 
 import jax
 
-from moetrain import config_checks, cost_model, hardware, stage_cost, summary
+from moetrain import config_checks, cost_model, fp8_cost, hardware, stage_cost, summary
 from moetrain.errors import ConfigError
 from moetrain.models.transformer import layer_plan
 from moetrain.parallel import stages as schedule
@@ -130,7 +130,8 @@ def pipelined_cost(config, devices: int) -> PipelinedCost:
       xla_flops=small.xla_flops, flops=flops, xla_bytes_accessed=small.xla_bytes_accessed,
       bytes_accessed=accessed, collective_bytes=sent, collective_groups=groups,
       link_bytes=links, exchange=exchange, xla_memory=small.xla_memory,
-      estimated_memory=memory, stages=stages, microbatches=micro, repeats=repeats,
+      estimated_memory=memory, fp8_fraction=fp8_cost.fp8_fraction(config, cost_model.hand_flops),
+      stages=stages, microbatches=micro, repeats=repeats,
       iterations=steps, bubble=schedule.bubble_fraction(stages, micro, repeats),
       stage_bytes=stage, stage_link=where, stack_params=units * unit_params)
 

@@ -16,6 +16,10 @@ from moetrain.parallel.mesh import stages
 from moetrain.state import build_model
 
 _EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
+# The weights of the matmuls `model.fp8` runs in FP8 (`models.fp8`): projections, dense MLPs,
+# shared and routed experts; the router, embedding, output layer and gates stay as they are.
+_FP8_WEIGHTS = ('wq', 'wk', 'wv', 'wo', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'w_gate', 'w_up',
+                'w_down')
 # Bytes of activations kept per token, layer and unit of d_model for the backward pass, by
 # `train.remat` (Korthikanti et al. 2022 count 34 bytes at 16 bits without recomputation; a
 # fully rematerialised block keeps only its input).
@@ -23,20 +27,23 @@ _ACTIVATION_FACTOR = {'none': 17, 'save_dots': 8, 'full': 1}
 
 
 def parameter_counts(model_config) -> dict:
-  """{'total', 'active', 'embedding'}: every parameter, those one token uses (k of the E routed
-  experts, all the rest), and the token embedding's."""
+  """{'total', 'active', 'embedding', 'fp8'}: every parameter, those one token uses (k of the E
+  routed experts, all the rest), the token embedding's, and the active ones that FP8 matmuls
+  multiply by under `model.fp8` (whatever it is set to)."""
   unscanned = model_config.copy_and_resolve_references()
   unscanned.scan_layers = False
   state = jax.eval_shape(lambda: nnx.state(build_model(unscanned, 0), nnx.Param))
   moe = model_config.moe
-  counts = {'total': 0, 'active': 0, 'embedding': 0}
+  counts = {'total': 0, 'active': 0, 'embedding': 0, 'fp8': 0}
   for name, leaf in layout.flatten(nnx.to_pure_dict(state)).items():
     size = math.prod(leaf.shape)
     counts['total'] += size
     routed = name.endswith(_EXPERT_WEIGHTS) and leaf.ndim == 3
     # With null experts a token uses at most k real experts; k is the bound reported.
-    counts['active'] += size * min(moe.top_k, moe.num_experts) // moe.num_experts if routed \
-        else size
+    active = size * min(moe.top_k, moe.num_experts) // moe.num_experts if routed else size
+    counts['active'] += active
+    if name.rsplit('/', 1)[-1] in _FP8_WEIGHTS:
+      counts['fp8'] += active
     if name == 'embed':
       counts['embedding'] = size
   return counts
@@ -129,7 +136,9 @@ def describe(setup, abstract_state) -> list[str]:
       f'parameters: {counts["total"]:,} total, {counts["active"]:,} active per token '
       f'({counts["embedding"]:,} in the token embedding)',
       f'compute: {flops_per_token(m, t.seq_len, counts):.3g} training FLOPs per token, '
-      f'{t.batch_size * t.seq_len:,} tokens per step',
+      f'{t.batch_size * t.seq_len:,} tokens per step'
+      + (f' ({6.0 * counts["fp8"]:.3g} in FP8 matmuls, model.fp8={m.fp8})'
+         if m.fp8 != 'none' else ''),
       f'memory per device (estimate): {_gib(memory["total"])} = params '
       f'{_gib(memory["params"])} + optimizer {_gib(memory["optimizer"])} + activations '
       f'{_gib(memory["activations"])}']

@@ -32,6 +32,7 @@ def test_active_parameters_of_eight_experts_top_two_by_hand():
   assert counts['embedding'] == embedding
   assert counts['total'] == embedding + 4 * per_layer_total + 128  # + final norm
   assert counts['active'] == embedding + 4 * per_layer_active + 128
+  assert counts['fp8'] == 4 * (attention + 2 * expert)  # what model.fp8 multiplies in FP8
   # Training FLOPs: 6 per active matmul weight (the tied output layer included) + attention.
   matmul = counts['active']  # the lookup is no matmul, but the tied output layer is one
   assert summary.flops_per_token(model_config, 256) == 6 * matmul + 6 * 4 * 256 * 2 * 4 * 32

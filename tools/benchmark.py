@@ -6,7 +6,8 @@
   python tools/benchmark.py input [--config configs/tiny.py] [--workers 0 1 2]
   python tools/benchmark.py train [--config configs/tiny.py] [--config.a.b=v …]
   python tools/benchmark.py model --config configs/mixtral_8x7b.py [--devices 8]
-      [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--pick-stages] [--config.a.b=v …]
+      [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--pick-stages] [--fp8] [--config.a.b=v …]
+  python tools/benchmark.py fp8-curves [--config configs/tiny.py] [--steps 200] [--config.a.b=v …]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each way of
 computing it (the capacity buffers' two backends at --capacity-factor, and dropless), next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -36,6 +37,13 @@ two-level, in FP8 and all combined (`tools/exchange_compare.py` times those on a
 With pipeline stages (`--mesh stage=S`) it compiles one stage on N/S devices and models the
 pipeline (`moetrain.pipeline_model`): bubble, bytes sent between stages, one stage's memory.
 `--pick-stages` models every stage count the config can run with and picks one per chip.
+`--fp8` adds the step in bf16 and under each `model.fp8` recipe, modelled from the one compiled
+bf16 step (`moetrain.fp8_cost`): FP8 matmuls at the chip's FP8 peak, expert weights gathered
+over FSDP in FP8, and FP8 dispatch.
+
+fp8-curves: the config trained for --steps steps once per `model.fp8` recipe (same seed and
+data, in child processes) and its losses side by side: at --at steps, and each recipe's largest
+relative difference from the bf16 run over all steps, as a markdown table.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint

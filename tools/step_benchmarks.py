@@ -1,11 +1,14 @@
-"""The `train` and `model` modes of tools/benchmark.py: a config's whole train step, run here
-(`train`) or compiled for a target mesh and modelled (`model`, `moetrain.cost_model`)."""
+"""The `train`, `model` and `fp8-curves` modes of tools/benchmark.py: a config's whole train
+step, run here (`train`) or compiled for a target mesh and modelled (`model`,
+`moetrain.cost_model`), and its loss curve under each `model.fp8` recipe (`fp8-curves`)."""
 
 import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -14,6 +17,7 @@ import numpy as np
 from moetrain import config as config_lib
 from moetrain import cost_model, hardware, pipeline_model, stage_cost, summary, trainer
 from moetrain.errors import ConfigError
+from moetrain.models import fp8 as fp8_lib
 from moetrain.parallel.mesh import AXES, make_mesh, mesh_shape
 from moetrain.state import init_state, make_setup
 from moetrain.steps import make_train_step
@@ -156,9 +160,85 @@ def model(args) -> None:
           f'{row["memory_s"]:7.3f} {sum(row["collective_s"].values()):7.3f} '
           f'{row["exposed_comm_s"]:9.3f} {"yes" if row["fits"] else "NO"}')
   exchanges = {name: _print_exchange(cost, hardware.CHIPS[name]) for name in args.chips}
+  fp8 = _print_fp8(config, devices, args.chips, hand) if args.fp8 else None
   _write(args.json, {'config': args.config, 'overrides': args.overrides, 'mesh': cost.mesh,
                      'hand_flops': hand, **{k: v for k, v in vars(cost).items() if k != 'mesh'},
-                     'roofline': rows, 'exchange_variants': exchanges})
+                     'roofline': rows, 'exchange_variants': exchanges, 'fp8': fp8})
+
+
+# (model.fp8, model.moe.exchange_dtype) of the rows `--fp8` compares.
+FP8_ROWS = (('none', ''), ('tensorwise', ''), ('blockwise', ''), ('blockwise', 'float8_e4m3fn'))
+
+
+def _print_fp8(config, devices: int, chips, hand) -> dict:
+  """The step modelled in bf16 and under each FP8 recipe (`moetrain/fp8_cost.py`), from the
+  one compiled stand-in: step time, compute, exposed communication, all-gathers, memory."""
+  print('FP8 (model.fp8; FP8 dispatch: model.moe.exchange_dtype=float8_e4m3fn), modelled from '
+        'the bf16 step:')
+  print(f'  {"chip":<24} {"matmuls":<10} {"dispatch":<8} {"FP8 FLOPs":>9} {"step s":>8} '
+        f'{"× bf16":>6} {"compute s":>9} {"exposed s":>9} {"gathers GiB":>11} '
+        f'{"memory GiB":>10} fits')
+  report, bf16 = {}, {}
+  for recipe, dispatch in FP8_ROWS:
+    variant = config.copy_and_resolve_references()
+    variant.model.fp8, variant.model.moe.exchange_dtype = recipe, dispatch
+    cost = (pipeline_model.pipelined_cost(variant, devices) if config.mesh.stage > 1 else
+            cost_model.step_cost(variant, jax.devices()[:devices]))
+    for name in chips:
+      row = cost_model.roofline(cost, hand['model'], hardware.CHIPS[name])
+      bf16.setdefault(name, row['step_s'])
+      report[f'{name} {recipe} {dispatch or "bf16"}'] = {**row, 'fp8_fraction': cost.fp8_fraction}
+      print(f'  {row["chip"]:<24} {recipe:<10} {"fp8" if dispatch else "bf16":<8} '
+            f'{cost.fp8_fraction:9.1%} {row["step_s"]:8.3f} {row["step_s"] / bf16[name]:6.2f} '
+            f'{row["compute_s"]:9.3f} {row["exposed_comm_s"]:9.3f} '
+            f'{cost.collective_bytes.get("all-gather", 0) / 2**30:11.1f} '
+            f'{cost.estimated_memory["total"] / 2**30:10.1f} {"yes" if row["fits"] else "NO"}')
+  return report
+
+
+def fp8_curves(args) -> None:
+  """Trains the config for `--steps` steps under each `model.fp8` recipe (same seed, same data,
+  every step logged) and prints the losses at `--at` steps and each recipe's largest relative
+  difference from the 'none' run over all steps."""
+  losses = {}
+  with tempfile.TemporaryDirectory() as scratch:
+    for recipe in fp8_lib.RECIPES:
+      workdir = pathlib.Path(scratch) / recipe
+      start = time.perf_counter()
+      result = subprocess.run(
+          [sys.executable, '-m', 'moetrain.train', '--config', args.config, '--workdir',
+           str(workdir), *args.overrides, f'--config.model.fp8={recipe}',
+           f'--config.train.steps={args.steps}', '--config.train.log_every=1',
+           '--config.train.eval_every=0', '--config.train.sample_tokens=0',
+           '--config.train.checkpoint_every=0'], capture_output=True, text=True, check=False)
+      if result.returncode:
+        raise ConfigError(f'model.fp8={recipe}: moetrain.train failed: '
+                          f'{(result.stderr.strip().splitlines() or ["?"])[-1]}')
+      lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+      records = [json.loads(line) for line in lines if line]
+      losses[recipe] = {r['step']: r['loss'] for r in records if 'split' not in r}
+      print(f'model.fp8={recipe}: {args.steps} steps in {time.perf_counter() - start:.0f} s',
+            flush=True)
+  report = loss_table(losses, args.at or [1] + [args.steps * i // 4 for i in range(1, 5)])
+  _write(args.json, {'config': args.config, 'overrides': args.overrides, 'losses': losses,
+                     'max_relative_difference': report})
+
+
+def loss_table(losses: dict, at: list) -> dict:
+  """Prints a markdown table of `losses` (recipe → step → loss) at the steps `at`, with each
+  recipe's largest |loss / loss of 'none' − 1| over their common steps; returns those."""
+  reference = losses[fp8_lib.NONE]
+  differences = {}
+  print('| model.fp8 | ' + ' | '.join(f'step {step}' for step in at)
+        + ' | max relative difference from none (step) |')
+  print('| --- ' * (len(at) + 2) + '|')
+  for recipe, curve in losses.items():
+    steps = sorted(set(curve) & set(reference))
+    step = max(steps, key=lambda i: abs(curve[i] / reference[i] - 1))
+    differences[recipe] = abs(curve[step] / reference[step] - 1)
+    print(f'| {recipe} | ' + ' | '.join(f'{curve[i]:.4f}' for i in at)
+          + f' | {differences[recipe]:.2%} ({step}) |')
+  return differences
 
 
 def _print_pipeline(config, cost, chips) -> None:
@@ -253,6 +333,17 @@ def add_parsers(commands) -> None:
   plan.add_argument('--pick-stages', action='store_true',
                     help='model every pipeline stage count the config can run with on these '
                     'devices and pick the fewest that fit each chip')
+  plan.add_argument('--fp8', action='store_true',
+                    help='also model the step in bf16 and under each model.fp8 recipe')
   plan.add_argument('--json', help='also write the results to this JSON file')
   plan.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
   plan.set_defaults(run=model)
+  curves = commands.add_parser('fp8-curves', help="a config's loss curve under each model.fp8 "
+                               'recipe (trains it once per recipe)')
+  curves.add_argument('--config', default='configs/tiny.py')
+  curves.add_argument('--steps', type=int, default=200)
+  curves.add_argument('--at', type=int, nargs='+', help='steps to show (default: 1 and every '
+                      'quarter)')
+  curves.add_argument('--json', help='also write the results to this JSON file')
+  curves.add_argument('overrides', nargs='*', help='--config.section.key=value overrides')
+  curves.set_defaults(run=fp8_curves)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moetrain.models import rope
+from moetrain.models import fp8, rope
 from moetrain.models.layers import RMSNorm, attend, param, zeros
 
 
@@ -31,6 +31,7 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(h if per_head else kv * h, config)
     self.rope = (h, config.rope_theta, ml_collections.FrozenConfigDict(config.rope_scaling))
     self.dtype = jnp.dtype(config.dtype)
+    self.fp8 = config.fp8
 
   def cache_shapes(self, batch: int, length: int) -> tuple:
     """Shapes of the cached keys and values for `batch` sequences of `length` positions."""
@@ -39,9 +40,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
     cast = lambda p: p[...].astype(self.dtype)
-    q = jnp.einsum('bld,dnh->blnh', x_BxLxD, cast(self.wq))
-    k = jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wk))
-    v = jnp.einsum('bld,dkh->blkh', x_BxLxD, cast(self.wv))
+    weight = lambda p: fp8.weight(self.fp8, p, self.dtype)
+    project = lambda spec, x, p: fp8.einsum(self.fp8, spec, x, weight(p))
+    q = project('bld,dnh->blnh', x_BxLxD, self.wq)
+    k = project('bld,dkh->blkh', x_BxLxD, self.wk)
+    v = project('bld,dkh->blkh', x_BxLxD, self.wv)
     if hasattr(self, 'q_bias'):
       q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
     if self.qk_norm == 'per_head':
@@ -53,4 +56,4 @@ class Attention(nnx.Module):
     q = rope.rotate(q, positions_BxL, inv_freq, factor)
     k = rope.rotate(k, positions_BxL, inv_freq, factor)
     out_BxLxNxH = attend(self, q, k, v, positions_BxL, segments_BxL)
-    return jnp.einsum('blnh,nhd->bld', out_BxLxNxH, cast(self.wo))
+    return project('blnh,nhd->bld', out_BxLxNxH, self.wo)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moetrain.models import rope
+from moetrain.models import fp8, rope
 from moetrain.models.layers import RMSNorm, attend, param
 
 
@@ -37,6 +37,7 @@ class LatentAttention(nnx.Module):
     self.rope = (rot, config.rope_theta, scaling)
     self.scale = rope.softmax_scale(nope + rot, scaling)
     self.dtype = jnp.dtype(config.dtype)
+    self.fp8 = config.fp8
     self.mesh = mesh  # where a fused kernel runs per device
 
   def cache_shapes(self, batch: int, length: int) -> tuple:
@@ -46,16 +47,18 @@ class LatentAttention(nnx.Module):
     return (batch, length, heads, nope + rot), (batch, length, heads, nope + rot)
 
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL=None):
-    cast = lambda p: p[...].astype(self.dtype)
+    weight = lambda p: fp8.weight(self.fp8, p, self.dtype)
+    matmul = fp8.matmul(self.fp8)
+    project = lambda spec, x, p: fp8.einsum(self.fp8, spec, x, weight(p))
     nope, rot, v_dim = self.sizes
     if hasattr(self, 'wq_a'):
-      q_latent = self.q_norm(x_BxLxD @ cast(self.wq_a))
-      q_BxLxNxQ = jnp.einsum('blr,rnq->blnq', q_latent, cast(self.wq_b))
+      q_latent = self.q_norm(matmul(x_BxLxD, weight(self.wq_a)))
+      q_BxLxNxQ = project('blr,rnq->blnq', q_latent, self.wq_b)
     else:
-      q_BxLxNxQ = jnp.einsum('bld,dnq->blnq', x_BxLxD, cast(self.wq))
-    kv_a = x_BxLxD @ cast(self.wkv_a)
+      q_BxLxNxQ = project('bld,dnq->blnq', x_BxLxD, self.wq)
+    kv_a = matmul(x_BxLxD, weight(self.wkv_a))
     kv_latent, k_rot_BxLxR = kv_a[..., :-rot], kv_a[..., -rot:]
-    kv_BxLxNxF = jnp.einsum('blr,rnf->blnf', self.kv_norm(kv_latent), cast(self.wkv_b))
+    kv_BxLxNxF = project('blr,rnf->blnf', self.kv_norm(kv_latent), self.wkv_b)
     k_nope, v_BxLxNxV = kv_BxLxNxF[..., :nope], kv_BxLxNxF[..., nope:]
 
     inv_freq, factor = rope.frequencies(*self.rope)
@@ -66,4 +69,4 @@ class LatentAttention(nnx.Module):
     # The fused attention wants one head width: values are zero-padded, the padding cut off.
     v = jnp.pad(v_BxLxNxV, ((0, 0),) * 3 + ((0, nope + rot - v_dim),))
     out = attend(self, q, k, v, positions_BxL, segments_BxL, scale=self.scale)
-    return jnp.einsum('blnv,nvd->bld', out[..., :v_dim], cast(self.wo))
+    return project('blnv,nvd->bld', out[..., :v_dim], self.wo)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moetrain.models import fp8
 from moetrain.models.layers import param
 
 
@@ -25,7 +26,8 @@ class MLP(nnx.Module):
     self.w_up = param(rngs, (d, d_ff), ('embed', 'mlp'), config)
     self.w_down = param(rngs, (d_ff, d), ('mlp', 'embed'), config)
     self.dtype = jnp.dtype(config.dtype)
+    self.fp8 = config.fp8
 
   def __call__(self, x_BxLxD):
-    cast = lambda p: p[...].astype(self.dtype)
-    return swiglu(x_BxLxD, cast(self.w_gate), cast(self.w_up), cast(self.w_down))
+    weights = (fp8.weight(self.fp8, w, self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+    return swiglu(x_BxLxD, *weights, matmul=fp8.matmul(self.fp8))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moetrain.models import pipeline, routing, routing_stats, two_level
+from moetrain.models import fp8, pipeline, routing, routing_stats, two_level
 from moetrain.models.layers import param
 from moetrain.models.mlp import MLP
 from moetrain.parallel import exchange, sharding
@@ -52,6 +52,7 @@ class MoE(nnx.Module):
         self.shared_gate = param(rngs, (d, 1), ('embed', None), config)
     self.moe = ml_collections.FrozenConfigDict(moe)  # hashable, so the graphdef is too
     self.dtype = jnp.dtype(config.dtype)
+    self.fp8 = config.fp8
     self.exchange = two_level.node_aware(exchange.for_mesh(mesh, moe), moe)
     # 0 (auto) is set from the cost model before the trainer builds a model; a model built
     # without that step exchanges in one chunk.
@@ -85,7 +86,8 @@ class MoE(nnx.Module):
       probs_GxTxR = scores_GxTxR = routing.router_probabilities(logits_GxTxR)
 
     backend = resolve_dispatch(moe.dispatch)
-    weights = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+    weights = tuple(fp8.weight(self.fp8, w, self.dtype)
+                    for w in (self.w_gate, self.w_up, self.w_down))
     bias_E = self.router_bias[...] if moe.bias_update_rate else None
     if moe.router == 'expert_choice':
       # Expert choice has no dropless form: capacity factor 0 lets every expert take every token.
@@ -94,7 +96,7 @@ class MoE(nnx.Module):
       tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
       y_GxTxD = pipeline.expert_choice(x_GxTxD, tokens_GxExC, gates_GxExC, weights,
                                        backend=backend, exchange=self.exchange,
-                                       chunks=self.chunks)
+                                       chunks=self.chunks, fp8=self.fp8)
       stats = routing_stats.expert_choice(probs_GxTxR=probs_GxTxR, logits_GxTxR=logits_GxTxR,
                                           tokens_GxExC=tokens_GxExC, gates_GxExC=gates_GxExC,
                                           mask_GxT=mask_GxT)
@@ -114,7 +116,7 @@ class MoE(nnx.Module):
       y_GxTxD, kept_GxTxK = pipeline.token_choice(
           x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts,
           capacity=capacity, backend=backend, priority_GxT=priority_GxT, exchange=self.exchange,
-          chunks=self.chunks)
+          chunks=self.chunks, fp8=self.fp8)
       aux_loss = routing.load_balance_loss(probs_GxTxR, experts_GxTxK, mask_GxT,
                                            mode=moe.aux_loss, seq_len=l,
                                            num_null_experts=moe.num_null_experts)

@@ -206,6 +206,9 @@ class IntraNode:
   def expert_weights(self, *weights):
     return self.flat.expert_weights(*weights)
 
+  def quantized_expert_weights(self, recipe, *weights):
+    return self.flat.quantized_expert_weights(recipe, *weights)
+
   def sum_hidden(self, partial):
     return self.flat.sum_hidden(partial)
 
@@ -233,17 +236,17 @@ class TwoLevel:
 
   def token_choice(self, x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, expert_weights, *,
                    num_experts: int, capacity: int, backend: str = 'capacity',
-                   priority_GxT=None, chunks: int = 1):
+                   priority_GxT=None, chunks: int = 1, fp8: str = 'none'):
     """`pipeline.token_choice` with a capacity, in two levels: -> (y [G, T, D] in x's dtype,
     kept [G, T, K] bool)."""
     def per_device(arrays, weights):
       return self._capacity(*arrays, weights, num_experts=num_experts, capacity=capacity,
-                            backend=backend, chunks=chunks)
+                            backend=backend, chunks=chunks, fp8=fp8)
     arrays = (x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, priority_GxT)
     return self.flat.run(per_device, arrays, expert_weights)
 
   def _capacity(self, x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, priority_GxT, weights, *,
-                num_experts, capacity, backend, chunks):
+                num_experts, capacity, backend, chunks, fp8):
     num_groups, tokens, _ = x_GxTxD.shape
     nodes, k = self.nodes, experts_GxTxK.shape[-1]
     peers = jax.lax.axis_size('expert')
@@ -265,7 +268,7 @@ class TwoLevel:
         to_nodes(local_GxSxK).astype(jnp.int32), to_nodes(gates_GxSxK),
         jnp.ones((nodes * num_groups, rows), jnp.float32), weights,
         num_experts=num_experts // nodes, capacity=capacity, backend=backend, exchange=intra,
-        chunks=chunks)
+        chunks=chunks, fp8=fp8)
     y_GxNxCxD = _home(y_RxCxD, nodes, across).reshape(num_groups, nodes, rows, -1)
     kept_GxSxK = _home(kept_RxCxK.astype(jnp.int8), nodes, across)
     # Weight 1 for every kept row (derived from this device's routing, so typed as varying).

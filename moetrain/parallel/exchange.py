@@ -67,6 +67,11 @@ class Local:
   def expert_weights(self, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
     return w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD
 
+  def quantized_expert_weights(self, recipe, *weights):
+    """Float8 copies made ahead of the matmuls: none here, where nothing is gathered."""
+    del recipe
+    return (None,) * len(weights)
+
   def sum_hidden(self, partial):
     """Adds up the contributions of the ranks that split the hidden units (none here)."""
     return partial
@@ -203,6 +208,15 @@ class ExpertParallel:
     """This device's expert blocks with their FSDP-split model dimension gathered."""
     return (_gather_fsdp(w_gate_LxDxF, 1), _gather_fsdp(w_up_LxDxF, 1),
             _gather_fsdp(w_down_LxFxD, 2))
+
+  def quantized_expert_weights(self, recipe, w_gate_LxDxF, w_up_LxDxF, w_down_LxFxD):
+    """Under a `model.fp8` recipe, each expert block's float8 (q, scales), quantised before
+    its FSDP gather and gathered at one byte a value (`fp8.gathered_weight`), or None where
+    the matmul quantises the gathered master itself."""
+    with jax.named_scope('fp8_weights'):
+      return (fp8.gathered_weight(w_gate_LxDxF, 1, recipe),
+              fp8.gathered_weight(w_up_LxDxF, 1, recipe),
+              fp8.gathered_weight(w_down_LxFxD, 2, recipe))
 
   def sum_hidden(self, partial):
     """Each 'tensor' rank holds a slice of the hidden units: their contributions add up.

@@ -1,10 +1,12 @@
-"""Float8 tokens for the expert exchange (`model.moe.exchange_dtype=float8_e4m3fn`).
+"""Float8 on the wire: tokens for the expert exchange (`model.moe.exchange_dtype=float8_e4m3fn`)
+and expert weights gathered over FSDP under a `model.fp8` recipe (`gathered_weight`).
 
-DeepSeek-V3's activation layout: every token row is cut into blocks of 128 channels of the model
-dimension, each block scaled by its own float32 scale = amax / 448 (the largest e4m3fn value,
-computed as amax · float32(1/448)) and cast to float8_e4m3fn. A model dimension that is not a
-multiple of 128 ends in one shorter block, scaled over the channels it has (rather than refused:
-small test models have them); a block of zeros gets scale 1, so it stays zero.
+DeepSeek-V3's activation layout (`moetrain.quantize` with 1×128 blocks): every token row is cut
+into blocks of 128 channels of the model dimension, each block scaled by its own float32 scale =
+amax / 448 (the largest e4m3fn value, computed as amax · float32(1/448)) and cast to
+float8_e4m3fn. A model dimension that is not a multiple of 128 ends in one shorter block, scaled
+over the channels it has (rather than refused: small test models have them); a block of zeros
+gets scale 1, so it stays zero.
 
 On the wire a row is its D fp8 values then its B float32 scales, as bytes (uint8 [D + 4·B]):
 one collective per exchange, and one that every backend moves at one byte a value (XLA:CPU
@@ -18,46 +20,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moetrain import quantize as quantize_lib
 from moetrain.errors import ConfigError
 
-BLOCK = 128
-DTYPE = jnp.float8_e4m3fn
-MAX = float(jnp.finfo(DTYPE).max)  # 448
+BLOCK = quantize_lib.BLOCK
+DTYPE = quantize_lib.E4M3
+MAX = quantize_lib.max_value(DTYPE)  # 448
 
 
 def num_blocks(d_model: int) -> int:
   """Scaling blocks of a row of `d_model` channels: B = ceil(D / 128)."""
-  return -(-d_model // BLOCK)
-
-
-def _blocks(x_NxD: jax.Array) -> jax.Array:
-  """[..., D] float32 → [..., B, 128], the last block padded with zeros."""
-  d_model = x_NxD.shape[-1]
-  pad = num_blocks(d_model) * BLOCK - d_model
-  padded = jnp.pad(x_NxD, [(0, 0)] * (x_NxD.ndim - 1) + [(0, pad)])
-  return padded.reshape(*x_NxD.shape[:-1], -1, BLOCK)
-
-
-def _unblock(x_NxBx128: jax.Array, d_model: int) -> jax.Array:
-  return x_NxBx128.reshape(*x_NxBx128.shape[:-2], -1)[..., :d_model]
+  return quantize_lib.num_blocks(d_model, BLOCK)
 
 
 def quantize(x_NxD: jax.Array) -> tuple[jax.Array, jax.Array]:
   """-> (q [..., D] float8_e4m3fn, scales [..., B] float32) with x ≈ q · scale of its block."""
-  blocks_NxBx128 = _blocks(x_NxD.astype(jnp.float32))
-  amax_NxB = jnp.max(jnp.abs(blocks_NxBx128), axis=-1)
-  # amax / 448 as a product with float32(1 / 448): XLA:CPU rewrites the division into it, so
-  # it is spelled out for every backend, and the numpy reference, to round the same way.
-  scales_NxB = jnp.where(amax_NxB > 0, amax_NxB * np.float32(1 / MAX), 1.0)
-  # x / (amax / 448) may round a hair past 448, where e4m3fn has no value (nor infinity).
-  q_NxBx128 = jnp.clip(blocks_NxBx128 / scales_NxB[..., None], -MAX, MAX).astype(DTYPE)
-  return _unblock(q_NxBx128, x_NxD.shape[-1]), scales_NxB
+  return quantize_lib.quantize(x_NxD, (BLOCK,), DTYPE)
 
 
 def dequantize(q_NxD: jax.Array, scales_NxB: jax.Array, dtype) -> jax.Array:
   """q · scale of its block, in float32, then cast to `dtype`: -> [..., D]."""
-  x_NxBx128 = _blocks(q_NxD.astype(jnp.float32)) * scales_NxB[..., None]
-  return _unblock(x_NxBx128, q_NxD.shape[-1]).astype(dtype)
+  return quantize_lib.dequantize(q_NxD, scales_NxB, (BLOCK,), dtype)
 
 
 def to_wire(x_NxD: jax.Array) -> jax.Array:
@@ -74,6 +57,25 @@ def from_wire(bytes_NxW: jax.Array, d_model: int, dtype) -> jax.Array:
   q_NxD = jax.lax.bitcast_convert_type(bytes_NxW[..., :d_model], DTYPE)
   scale_bytes_NxBx4 = bytes_NxW[..., d_model:].reshape(*bytes_NxW.shape[:-1], -1, 4)
   return dequantize(q_NxD, jax.lax.bitcast_convert_type(scale_bytes_NxBx4, jnp.float32), dtype)
+
+
+def gathered_weight(w_LxKxN: jax.Array, axis: int, recipe: str, axis_name: str = 'fsdp'):
+  """The float8 copy of a weight block split along `axis` over `axis_name` (inside shard_map),
+  quantised here as its part of the gathered block (`moetrain.quantize` under `recipe`: tiles,
+  or one scale for the block, its amax a pmax over the shards) and gathered as bytes: -> (q,
+  scales) equal to quantising the gathered block; None where there is nothing to gather, or
+  where blockwise tiles would straddle the shards (the caller gathers the master instead)."""
+  if jax.lax.axis_size(axis_name) == 1:
+    return None
+  block = quantize_lib.RECIPES[recipe].block
+  if block and w_LxKxN.shape[axis] % block:
+    return None
+  reduce = None if block else (lambda amax: jax.lax.pmax(amax, axis_name))
+  blocks = quantize_lib.RECIPES[recipe].tile_blocks(w_LxKxN.ndim)
+  q, scales = quantize_lib.quantize(jax.lax.stop_gradient(w_LxKxN), blocks, DTYPE, reduce)
+  gather = lambda a: jax.lax.all_gather(a, axis_name, axis=axis, tiled=True)
+  q_bytes = gather(jax.lax.bitcast_convert_type(q, jnp.uint8))
+  return (jax.lax.bitcast_convert_type(q_bytes, DTYPE), gather(scales) if block else scales)
 
 
 def check(exchange_dtype: str, devices) -> None:

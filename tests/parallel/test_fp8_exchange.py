@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moetrain import config as config_lib
+from moetrain import quantize
 from moetrain.errors import ConfigError
 from moetrain.models import pipeline
 from moetrain.parallel import exchange, fp8, sharding
@@ -347,3 +348,69 @@ def test_fp8_step_on_fsdp_expert_tensor_mesh_is_near_bf16_dispatch(capacity_fact
   # e4m3 keeps 3 mantissa bits: a relative rounding error of up to 1/16 (3.6% RMS), which
   # the gradients of the expert weights see directly (3.5-6% here), the rest far less.
   assert 0 < max(jax.tree.leaves(deviation)) < 0.1, deviation
+
+
+def expert_blocks(d_model, d_expert, num_experts=4):
+  """(w_gate, w_up, w_down) of `num_experts` experts, float32, magnitudes spread per expert."""
+  scales = 10.0 ** np.arange(num_experts)[:, None, None]
+  return tuple((tokens(shape, np.float32, seed) * scales).astype(np.float32)
+               for seed, shape in enumerate([(num_experts, d_model, d_expert)] * 2 +
+                                            [(num_experts, d_expert, d_model)]))
+
+
+@pytest.mark.parametrize('recipe', ['tensorwise', 'blockwise'])
+def test_fp8_expert_weights_gather_as_bytes_and_equal_the_gathered_weights_quantised(recipe):
+  """Under `model.fp8` each expert block is quantised before its FSDP gather and gathered at one
+  byte a value: the gathered (q, scales) are those of the gathered weight, bit for bit."""
+  mesh = mesh_of((1, 2, 2, 1))  # fsdp=2, expert=2: two experts and half the model dim a device
+  parallel = exchange.ExpertParallel(mesh)
+  weights_in = sharding.manual_spec(mesh, *sharding.EXPERT_IN_AXES)
+  weights_out = sharding.manual_spec(mesh, *sharding.EXPERT_OUT_AXES)
+  gathered = jax.shard_map(lambda *w: parallel.quantized_expert_weights(recipe, *w), mesh=mesh,
+                           in_specs=(weights_in, weights_in, weights_out),
+                           out_specs=jax.sharding.PartitionSpec('expert'),
+                           check_vma=False)  # all_gather's result is typed as varying
+  weights = expert_blocks(256, 136)  # whole 128-blocks on each fsdp rank; a partial block of F
+  lowered = jax.jit(gathered).lower(*weights)
+  blocks = quantize.RECIPES[recipe].tile_blocks(3)
+  quantised = jax.jit(quantize.quantize, static_argnums=1)
+  for (q, scales), w in zip(jax.device_get(lowered.compile()(*weights)), weights):
+    # Each expert rank's two experts, as its matmuls see them: tiles of each, or one scale.
+    ref_q, ref_scales = (np.concatenate(parts) for parts in zip(*jax.device_get(
+        [quantised(w[rank:rank + 2], blocks) for rank in (0, 2)])))
+    np.testing.assert_array_equal(q.view(np.uint8), ref_q.view(np.uint8))
+    np.testing.assert_array_equal(scales, ref_scales)
+  gathers = re.findall(r'"stablehlo\.all_gather".*-> tensor<[\dx]+x(\w+)>', lowered.as_text())
+  assert set(gathers) == ({'ui8', 'f32'} if recipe == 'blockwise' else {'ui8'}), gathers
+  # Blocks would straddle the ranks' halves of a 128-wide model dim: the masters are gathered.
+  straddling = jax.eval_shape(gathered, *expert_blocks(128, 136))
+  assert (straddling == (None,) * 3) == (recipe == 'blockwise'), straddling
+
+
+def test_fp8_experts_on_an_fsdp_expert_mesh_equal_one_device():
+  """Blockwise FP8 experts with their weights gathered in FP8: the layer's output and weight
+  gradients are the single device's (DeepSeek-V3's blocks never depend on the mesh)."""
+  groups, tokens_per_group, num_experts, k = 8, 8, 4, 2
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(groups, tokens_per_group, 256)).astype(np.float32)
+  experts = rng.integers(0, num_experts, (groups, tokens_per_group, k)).astype(np.int32)
+  gates = np.full((groups, tokens_per_group, k), 0.5, np.float32)
+  mask = np.ones((groups, tokens_per_group), np.float32)
+
+  def loss_and_grads(the_exchange, mesh, weights):
+    def loss(weights):
+      y = pipeline.token_choice(x, experts, gates, mask, weights, num_experts=num_experts,
+                                capacity=6, exchange=the_exchange, fp8='blockwise')[0]
+      return jnp.sum(y * y)
+    with jax.set_mesh(mesh):
+      return jax.device_get(jax.jit(jax.value_and_grad(loss))(weights))
+  mesh = mesh_of((1, 2, 2, 1))
+  weights = tuple((rng.normal(size=w.shape) * 0.05).astype(np.float32)
+                  for w in expert_blocks(256, 136))
+  (loss, grads), (ref_loss, ref_grads) = (
+      loss_and_grads(exchange.for_mesh(mesh), mesh, weights),
+      loss_and_grads(exchange.LOCAL, mesh_of((1, 1, 1, 1)), weights))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for grad, ref in zip(grads, ref_grads):
+    assert grad.dtype == np.float32 and np.abs(ref).max() > 0
+    np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
