@@ -56,11 +56,9 @@ def test_upcycled_tiny_model_starts_at_the_dense_models_loss_and_logits(dense_ru
   upcycled_first = run('configs/tiny.py', tmp_path / 'moe', 1,
                        f'--config.init.upcycle_from={dense_dir}',
                        '--config.train.learning_rate=0.0')[0]
-  random_first = run('configs/tiny.py', tmp_path / 'scratch', 1)[0]
   assert dense_losses[-1] < dense_losses[0] - 1.5  # the dense model did learn
-  assert random_first > dense_first + 1.5
   # Training routes with capacity 1.25: the few tokens dropped at step 0 cost a little.
-  assert abs(upcycled_first - dense_first) < 0.05, (upcycled_first, dense_first, random_first)
+  assert abs(upcycled_first - dense_first) < 0.05, (upcycled_first, dense_first)
 
   dense, _ = moetrain.load(dense_dir)
   moe, config = moetrain.load(tmp_path / 'moe')
