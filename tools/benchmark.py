@@ -43,7 +43,8 @@ over FSDP in FP8, and FP8 dispatch.
 
 fp8-curves: the config trained for --steps steps once per `model.fp8` recipe (same seed and
 data, in child processes) and its losses side by side: at --at steps, and each recipe's largest
-relative difference from the bf16 run over all steps, as a markdown table.
+relative difference from the bf16 run over all steps, one by one and of 10-step means, as a
+markdown table.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
