@@ -34,6 +34,16 @@ REMAT_POLICIES = {
 }
 
 
+def _rows(tokens_BxL, mask_BxL, segments_BxL, positions_BxL):
+  """(positions, segments, mask) of the rows: all tokens real and positions 0, 1, … along each
+  row unless given."""
+  if mask_BxL is None:
+    mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
+  if positions_BxL is None:
+    positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[-1]), tokens_BxL.shape)
+  return positions_BxL, segments_BxL, mask_BxL
+
+
 class Unit(nnx.Module):
   """A run of consecutive blocks: the body of one scan step (dense blocks, then an MoE one)."""
 
@@ -119,11 +129,7 @@ class Transformer(nnx.Module):
     microbatch m draws its jitter from `fold_in(rng, m)`), the logits are [M, B, L, V] and
     the stats those of the M microbatches combined by their declared reductions.
     """
-    if mask_BxL is None:
-      mask_BxL = jnp.ones(tokens_BxL.shape, jnp.bool_)
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[-1]), tokens_BxL.shape)
-    rows = (positions_BxL, segments_BxL, mask_BxL)
+    rows = _rows(tokens_BxL, mask_BxL, segments_BxL, positions_BxL)
     if tokens_BxL.ndim == 3:
       return self._pipelined(tokens_BxL, rows, capacity_factor, train, rng)
     x_BxLxD, layer_stats = self._hidden(tokens_BxL, (*rows, capacity_factor, train, rng))
@@ -136,9 +142,8 @@ class Transformer(nnx.Module):
     those of the MTP modules' MoE blocks). Depth k's logits at position i predict the token
     k places after position i's target; the last k positions of a row are masked out of its
     routing (their logits mean nothing)."""
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[-1]), tokens_BxL.shape)
-    rows = (positions_BxL, segments_BxL, mask_BxL)
+    rows = positions_BxL, segments_BxL, mask_BxL = _rows(tokens_BxL, mask_BxL, segments_BxL,
+                                                         positions_BxL)
     h_BxLxD, layer_stats = self._hidden(tokens_BxL, (*rows, capacity_factor, train, rng))
     logits_BxLxV = self._logits(h_BxLxD)
     depth_logits, depth_stats = [], []
