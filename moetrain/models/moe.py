@@ -57,6 +57,7 @@ class MoE(nnx.Module):
     # 0 (auto) is set from the cost model before the trainer builds a model; a model built
     # without that step exchanges in one chunk.
     self.chunks = moe.exchange_chunks or 1
+    self.mesh = mesh
 
   def __call__(self, x_BxLxD, mask_BxL, capacity_factor: float, *, train: bool = False,
                rng=None):
@@ -93,7 +94,8 @@ class MoE(nnx.Module):
       # Expert choice has no dropless form: capacity factor 0 lets every expert take every token.
       capacity = routing.expert_capacity(tokens, moe.top_k, moe.num_experts, capacity_factor,
                                          moe.min_capacity)
-      tokens_GxExC, gates_GxExC = routing.expert_choice(probs_GxTxR, capacity, mask_GxT)
+      tokens_GxExC, gates_GxExC = sharding.on_local_groups(
+          self.mesh, lambda p, m: routing.expert_choice(p, capacity, m), probs_GxTxR, mask_GxT)
       y_GxTxD = pipeline.expert_choice(x_GxTxD, tokens_GxExC, gates_GxExC, weights,
                                        backend=backend, exchange=self.exchange,
                                        chunks=self.chunks, fp8=self.fp8)
@@ -101,9 +103,11 @@ class MoE(nnx.Module):
                                           tokens_GxExC=tokens_GxExC, gates_GxExC=gates_GxExC,
                                           mask_GxT=mask_GxT)
     else:
-      experts_GxTxK = routing.select_experts(scores_GxTxR, moe.top_k, bias_E=bias_E,
-                                             num_groups=moe.num_groups,
-                                             topk_groups=moe.topk_groups)
+      experts_GxTxK = sharding.on_local_groups(
+          self.mesh, lambda s: routing.select_experts(s, moe.top_k, bias_E=bias_E,
+                                                      num_groups=moe.num_groups,
+                                                      topk_groups=moe.topk_groups),
+          scores_GxTxR)
       gates_GxTxK = routing.gate_weights(scores_GxTxR, experts_GxTxK,
                                          normalize=moe.norm_topk_prob,
                                          scaling=moe.routed_scaling_factor,

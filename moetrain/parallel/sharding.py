@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moetrain.parallel import mesh as mesh_lib
 from moetrain.parallel.mesh import BATCH_AXES
 
 RULES = {
@@ -118,6 +119,22 @@ def constrain(x: jax.Array, mesh, *logical_axes) -> jax.Array:
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(mesh, *logical_axes)))
+
+
+def on_local_groups(mesh, fn, *arrays_G):
+  """`fn(*arrays_G)` on each device's own dispatch groups (the arrays' leading axis, split over
+  the batch axes), its results split the same way; `fn(*arrays_G)` itself without a mesh.
+
+  For per-group work GSPMD would otherwise replicate: XLA's partitioners gather a top_k's
+  whole operand onto every device (all groups' router scores, in every MoE layer) rather than
+  keep the split of its batch dimensions.
+  """
+  if mesh is None:
+    return fn(*arrays_G)
+  batch = spec(mesh, 'batch')
+  # As in the expert exchange: under pipeline stages' vmap the types are not checked.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * len(arrays_G), out_specs=batch,
+                       check_vma=mesh_lib.stages(mesh) == 1)(*arrays_G)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

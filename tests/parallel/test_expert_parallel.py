@@ -76,3 +76,16 @@ def test_compiled_step_exchanges_tokens_and_never_gathers_expert_weights():
   assert not whole_experts, whole_experts
   assert all_gathered_shapes('%g = f32[8,32,48]{2,1,0} all-gather(f32[1,32,48]{2,1,0} %p)') == [
       (8, 32, 48)]  # the parser sees an all-gather of whole experts where there is one
+
+
+@pytest.mark.parametrize('router', ['sigmoid_bias_groups_priority', 'expert_choice'])
+def test_each_device_routes_its_own_groups(router):
+  """No collective carries router scores: every top_k runs on the device's own groups (XLA's
+  partitioners would gather all groups' scores onto every device, in every MoE layer)."""
+  config = small_config(*ROUTERS[router], '--config.mesh.data=1', '--config.mesh.fsdp=2',
+                        '--config.mesh.expert=4')
+  hlo = compiled_train_step(config, jax.devices()[:8])
+  routing_collectives = [line for line in hlo.splitlines()
+                         if re.search(r'= \S+ (all-gather|all-reduce|all-to-all)(-start)?\(', line)
+                         and re.search(r'op_name="[^"]*top_k"', line)]
+  assert not routing_collectives, routing_collectives
