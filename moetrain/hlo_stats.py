@@ -69,16 +69,23 @@ class Collective:
     """`bytes_sent` split into what stays inside the sender's node ('intra') and what crosses
     to other nodes ('inter'). An all-to-all sends every peer its share directly, so the split
     follows where the peers sit (for the device with the most peers off its node, which the
-    others wait for); a ring whose group leaves a node runs at the pace of its hops between
-    nodes, so all its bytes count as inter-node."""
+    others wait for). A ring whose group leaves a node runs as NCCL runs it: one ring per
+    channel, each entering and leaving every node once through a different device's network
+    link, so a group with g members on each node sends 1/g of its bytes across nodes from each
+    device and the rest over the fast links (g = 1: every hop crosses; the node with fewest
+    members sets the pace)."""
     sent = self.bytes_sent(width_scale)
     if self.nodes(node_of) == 1:
       return {'intra': sent, 'inter': 0.0}
-    if self.kind != 'all-to-all':
-      return {'intra': 0.0, 'inter': sent}
-    off_node = max(sum(node_of[peer] != node_of[device] for peer in group)
-                   for group in self.groups for device in group)
-    inter = sent * off_node / (self.group_size - 1)
+    if self.kind == 'all-to-all':
+      off_node = max(sum(node_of[peer] != node_of[device] for peer in group)
+                     for group in self.groups for device in group)
+      inter = sent * off_node / (self.group_size - 1)
+    elif self.kind == 'collective-permute':
+      inter = sent
+    else:
+      inter = sent / min(int(count) for group in self.groups
+                         for count in np.unique(node_of[group], return_counts=True)[1])
     return {'intra': sent - inter, 'inter': inter}
 
 

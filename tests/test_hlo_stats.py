@@ -99,7 +99,11 @@ NODES = np.arange(8) // 4  # two nodes of four devices
     ('all-to-all', [[0, 4], [1, 5], [2, 6], [3, 7]], {'intra': 0, 'inter': 400}),
     ('all-to-all', [list(range(8))], {'intra': 300, 'inter': 400}),  # 3 peers near, 4 far
     ('all-gather', [[0, 1, 2, 3], [4, 5, 6, 7]], {'intra': 600, 'inter': 0}),
-    ('all-gather', [list(range(8))], {'intra': 0, 'inter': 700}),  # the ring's slowest hops
+    # Rings: a channel per member of a node, each crossing between nodes once per node.
+    ('all-gather', [list(range(8))], {'intra': 525, 'inter': 175}),
+    ('reduce-scatter', [list(range(8))], {'intra': 4200, 'inter': 1400}),
+    ('all-reduce', [[0, 4], [1, 5], [2, 6], [3, 7]], {'intra': 0, 'inter': 800}),
+    ('all-gather', [[0, 1, 2, 4], [3, 5, 6, 7]], {'intra': 0, 'inter': 600}),  # one on a node
 ])
 def test_collectives_split_their_bytes_by_link(kind, groups, links):
   collective = hlo_stats.Collective(kind, 'f32', 800, groups)
