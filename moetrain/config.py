@@ -120,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Expert parallelism: each device's dispatch groups go to the experts' owners in chunks, so
   # one chunk's exchange can overlap another's expert matmuls.
   e.exchange_chunks = 1  # per device and microbatch (divides its groups; 0: the cost model's)
+  e.exchange_overlap = 'experts'  # what a chunk's exchange overlaps: experts (other chunks'
+  #                                 expert matmuls) | block (each chunk runs the whole block,
+  #                                 so also other chunks' attention and shared experts)
   e.exchange_dtype = ''  # tokens on the wire to the experts: '' (model.dtype) | float8_e4m3fn
   e.exchange_nodes = 0  # nodes the expert axis spans (two-level exchange); 0: from the devices
   e.layer_interval = 1  # every n-th block after the dense ones is an MoE block

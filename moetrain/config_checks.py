@@ -20,6 +20,7 @@ ENUMS = {
     'model.moe.drop_policy': ('position', 'priority'),
     'model.moe.dispatch': ('auto', 'capacity', 'einsum'),
     'model.moe.exchange_dtype': ('', 'float8_e4m3fn'),
+    'model.moe.exchange_overlap': ('experts', 'block'),
     'train.schedule': ('cosine', 'constant'),
     'train.remat': ('none', 'full', 'save_dots'),
     'data.source': ('stdlib', 'text', 'jsonl', 'parquet', 'tfds'),
@@ -127,6 +128,11 @@ def validate(config) -> None:
   if sum(config.mesh[a] == -1 for a in axes) > 1:
     raise ConfigError('at most one of ' + ', '.join(f'mesh.{a}' for a in axes) + ' may be -1')
   _validate_stages(config)
+  if e.exchange_overlap == 'block' and e.aux_loss == 'global':
+    # Each chunk of a block sees only its own rows; a pooled balance loss is not a combination
+    # of the chunks' losses.
+    raise ConfigError("model.moe.exchange_overlap=block cannot run with "
+                      "model.moe.aux_loss=global: use local or sequence")
   try:
     liveness.check_timeout(t.heartbeat_timeout_s)
   except ValueError:
@@ -162,6 +168,9 @@ def _validate_stages(config):
   if units % (stages * repeats):
     raise ConfigError(f'the {units} units of the main layer stack must split over mesh.stage='
                       f'{stages} × model.pipeline_repeats={repeats}')
+  if m.moe.exchange_overlap == 'block':
+    raise ConfigError(f'model.moe.exchange_overlap=block cannot run with mesh.stage={stages} '
+                      'yet')
   if config.train.microbatches < stages:
     raise ConfigError(f'train.microbatches={config.train.microbatches} must be >= '
                       f'mesh.stage={stages}: the pipeline needs a microbatch for every stage')

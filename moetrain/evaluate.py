@@ -43,7 +43,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   `num_batches` (0: the config's `train.eval_batches`) fixed batches of `split`, routed dropless
   unless `overrides` set model.moe.eval_capacity_factor; 'routing' says how (`routing`)."""
   import jax
-  from moetrain import checkpoint, cost_model, trainer
+  from moetrain import checkpoint, exchange_model, trainer
   from moetrain.data.inputs import fixed_batches, load_tokenizer
   from moetrain.data.tokenizer import PAD_ID
   from moetrain.parallel import sharding
@@ -56,7 +56,7 @@ def evaluate(checkpoint_dir, split: str = 'eval', num_batches: int = 0, override
   if not any(flag.startswith(f'--config.{_EVAL_CAPACITY}=') for flag in overrides):
     config.model.moe.eval_capacity_factor = 0.0
   mesh = make_mesh(config)
-  cost_model.resolve_exchange_chunks(config, mesh)
+  exchange_model.resolve_exchange_chunks(config, mesh)
   setup = make_setup(config, mesh)
   tokenizer = load_tokenizer(config)
   batches = fixed_batches(config, tokenizer, split, num_batches or config.train.eval_batches,

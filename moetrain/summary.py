@@ -15,7 +15,7 @@ from moetrain.parallel import sharding
 from moetrain.parallel.mesh import stages
 from moetrain.state import build_model
 
-_EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
+EXPERT_WEIGHTS = ('ffn/w_gate', 'ffn/w_up', 'ffn/w_down')
 # The weights of the matmuls `model.fp8` runs in FP8 (`models.fp8`): projections, dense MLPs,
 # shared and routed experts; the router, embedding, output layer and gates stay as they are.
 _FP8_WEIGHTS = ('wq', 'wk', 'wv', 'wo', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'w_gate', 'w_up',
@@ -38,7 +38,7 @@ def parameter_counts(model_config) -> dict:
   for name, leaf in layout.flatten(nnx.to_pure_dict(state)).items():
     size = math.prod(leaf.shape)
     counts['total'] += size
-    routed = name.endswith(_EXPERT_WEIGHTS) and leaf.ndim == 3
+    routed = name.endswith(EXPERT_WEIGHTS) and leaf.ndim == 3
     # With null experts a token uses at most k real experts; k is the bound reported.
     active = size * min(moe.top_k, moe.num_experts) // moe.num_experts if routed else size
     counts['active'] += active
@@ -65,11 +65,16 @@ def flops_per_token(model_config, seq_len: int, counts: dict | None = None) -> f
   m = model_config
   counts = counts or parameter_counts(m)
   matmul = matmul_weights(m, counts)
+  return 6.0 * matmul + 6.0 * (m.num_layers + m.mtp_layers) * seq_len * attention_width(m)
+
+
+def attention_width(model_config) -> int:
+  """Channels a query meets per key in one block's attention, scores and weighted sums
+  together: 2 FLOPs per key and channel forward."""
+  m = model_config
   if m.attention == 'mla':
-    width = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
-  else:
-    width = 2 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
-  return 6.0 * matmul + 6.0 * (m.num_layers + m.mtp_layers) * seq_len * width
+    return m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+  return 2 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
 
 
 def _bytes_per_device(tree, shardings) -> float:

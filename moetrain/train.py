@@ -166,14 +166,14 @@ def run(config, workdir_path: str, guard=None) -> dict:
   import jax
   import tqdm
 
-  from moetrain import checkpoint, cost_model, generate, metrics, summary, trainer
+  from moetrain import checkpoint, exchange_model, generate, metrics, summary, trainer
   from moetrain.data.inputs import data_position, load_data
   from moetrain.parallel import sharding
   from moetrain.parallel.mesh import make_mesh
   from moetrain.state import abstract_state, make_setup
 
   mesh = make_mesh(config)
-  cost_model.resolve_exchange_chunks(config, mesh)
+  exchange_model.resolve_exchange_chunks(config, mesh)
   workdir = prepare_workdir(workdir_path)
   enable_compilation_cache()
   lead = jax.process_index() == 0

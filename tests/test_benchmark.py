@@ -64,18 +64,19 @@ def test_model_mode_reports_links_and_each_way_to_run_the_exchange(model_mode):
                                                                                'DCN GiB'))):
     variants = report['exchange_variants'][chip]
     assert [v['variant'] for v in variants] == ['flat', 'overlapped', 'two-level', 'fp8',
-                                                'combined']
-    flat, overlapped, two_level, fp8, combined = variants
+                                                'combined', 'block', 'combined, block']
+    flat, overlapped, two_level, fp8, combined, block, _ = variants
     assert flat['chunks'] == 1 and overlapped['chunks'] in (1, 2)  # 2 sequences per device
     assert overlapped['exposed_s'] <= flat['exposed_s']
     assert two_level == {**flat, 'variant': 'two-level'}  # nothing leaves the node
     # tiny.py's activations are float32: FP8 sends about a quarter of the forward dispatch.
     assert fp8['bytes']['intra'] < flat['bytes']['intra'] * 0.85
     assert combined['exposed_comm_s'] < flat['exposed_comm_s']
+    assert block['exposed_s'] <= overlapped['exposed_s']  # attention hides the exchange too
     assert all(header in result.stdout for header in links)
   assert 'exposed s' in result.stdout and 'the expert exchange spans 1 node(s)' in result.stdout
   assert all(f'  {name} ' in result.stdout for name in ('flat', 'overlapped', 'two-level', 'fp8',
-                                                        'combined'))
+                                                        'combined', 'block', 'combined, block'))
 
 
 @pytest.mark.parametrize('args, message', [

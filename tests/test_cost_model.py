@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import cost_model, hardware, hlo_stats
+from moetrain import cost_model, exchange_model, hardware, hlo_stats
 from moetrain.parallel.mesh import make_mesh
 
 SMALL = ['--config.model.d_model=256', '--config.model.num_heads=4',
@@ -55,7 +55,7 @@ def test_all_to_all_bytes_equal_the_analytic_volume(name, mesh):
   overrides = tuple(f'--config.mesh.{axis}={axes.get(axis, 1)}'
                     for axis in ('data', 'fsdp', 'expert', 'tensor'))
   step = cost(name, 8, *overrides)
-  analytic = cost_model.all_to_all_bytes(small_config(name, *overrides),
+  analytic = exchange_model.all_to_all_bytes(small_config(name, *overrides),
                                          expert_parallel=int(axes['expert']), batch_shards=8)
   assert step.collective_groups['all-to-all'] == int(axes['expert'])
   assert step.collective_bytes['all-to-all'] == pytest.approx(analytic, rel=0.10)
@@ -112,8 +112,23 @@ def test_roofline_of_a_compute_bound_step():
     (1, 4, 1, 4, 0.1, 4.7),  # every chunk's exchanges pay the latency
 ])
 def test_chunk_pipeline_by_hand(dispatch, compute, combine, chunks, latency, seconds):
-  assert cost_model.chunk_pipeline(dispatch, compute, combine, chunks, latency) == (
+  assert exchange_model.chunk_pipeline(dispatch, compute, combine, chunks, latency) == (
       pytest.approx(seconds))
+
+
+@pytest.mark.parametrize('dispatch, compute, combine, before, after, seconds', [
+    # Chunks of the whole block, 2 chunks: attention 1 s each, dispatch 0.5 s, experts 2 s.
+    # Chip: A1 0–1, A2 1–2, E1 2–4, E2 4–6;
+    # link: D1 1–1.5, D2 2–2.5, C1 4–4.5, C2 6–6.5.
+    (1, 4, 1, 2, 0, 6.5),  # only the last combine shows: the experts-only chunks show 1 s
+    # Backward: C'1 0–0.5 on the link, then E'1 0.5–4.5, E'2 4.5–8.5, A'1 8.5–10.5,
+    # A'2 10.5–12.5.
+    (1, 8, 1, 0, 4, 12.5),  # only the first way in shows
+    (4, 1, 4, 2, 0, 9.0),  # the link's 8 s beyond 1 s of attention before the first dispatch
+])
+def test_block_chunks_by_hand(dispatch, compute, combine, before, after, seconds):
+  assert exchange_model.chunk_pipeline(dispatch, compute, combine, 2, before_s=before,
+                                   after_s=after) == pytest.approx(seconds)
 
 
 def _dispatch_first(u, v, w, n):
@@ -133,7 +148,7 @@ def test_chunk_pipeline_is_the_dispatch_first_schedule():
     dispatch, compute, combine, latency = rng.exponential(1.0, 4) * [1, 1, 1, 0.1]
     chunks = int(rng.integers(1, 9))
     u, v, w = dispatch / chunks + latency, compute / chunks, combine / chunks + latency
-    modelled = cost_model.chunk_pipeline(dispatch, compute, combine, chunks, latency)
+    modelled = exchange_model.chunk_pipeline(dispatch, compute, combine, chunks, latency)
     assert modelled == pytest.approx(_dispatch_first(u, v, w, chunks))
     assert modelled >= max(dispatch + combine, compute)  # never beats either resource alone
     if dispatch == combine and not latency:
@@ -144,7 +159,7 @@ def test_chunk_pipeline_is_the_dispatch_first_schedule():
 def test_exposed_exchange_with_equal_ways_in_and_out():
   for a, c in ((1, 4), (2, 1), (1, 1.5), (3, 3)):
     for n in (1, 2, 3, 8):
-      exposed = cost_model.chunk_pipeline(a, c, a, n) - c
+      exposed = exchange_model.chunk_pipeline(a, c, a, n) - c
       assert exposed == pytest.approx(max(2 * a / n, 2 * a - c))
 
 
@@ -153,7 +168,7 @@ def _exchange(**fields):
                chunks=1, fp8=False, two_level=False, node_aware=True, pipelines=1,
                forward_passes=1,
                expert_flops=4.0, width=2, top_k=2, num_experts=8, num_groups=2, topk_groups=1)
-  return cost_model.Exchange(**{**shape, **fields})
+  return exchange_model.Exchange(**{**shape, **fields})
 
 
 @pytest.mark.parametrize('num_experts, top_k, nodes, num_groups, topk_groups, expected', [
@@ -167,12 +182,12 @@ def test_destination_nodes_by_hand(num_experts, top_k, nodes, num_groups, topk_g
                                    expected):
   exchange = _exchange(num_experts=num_experts, top_k=top_k, num_groups=num_groups,
                        topk_groups=topk_groups)
-  assert cost_model.destination_nodes(exchange, nodes) == pytest.approx(expected)
+  assert exchange_model.destination_nodes(exchange, nodes) == pytest.approx(expected)
 
 
 def test_fp8_sends_a_byte_per_channel_and_a_float32_scale_per_128():
-  assert cost_model.fp8_ratio(2) == 0.515625
-  assert cost_model.fp8_ratio(4) == 0.515625 / 2
+  assert exchange_model.fp8_ratio(2) == 0.515625
+  assert exchange_model.fp8_ratio(4) == 0.515625 / 2
 
 
 X = 2.0**20
@@ -186,33 +201,34 @@ FLAT = {'intra': 3 * X, 'inter': 4 * X}  # an 8-way exchange: 3 peers near, 4 fa
 
 @pytest.mark.parametrize('variant, chunks, intra, inter, exposed', [
     # 2 s in and out forward (experts 4 s) and backward (experts 8 s): nothing hidden.
-    (cost_model.Variant('flat'), 1, 3 * X, 4 * X, 8.0),
+    (exchange_model.Variant('flat'), 1, 3 * X, 4 * X, 8.0),
     # 4 chunks: one chunk's way in and out (1 s) per pass.
-    (cost_model.Variant('overlapped', chunks=0), 4, 3 * X, 4 * X, 2.0),
+    (exchange_model.Variant('overlapped', chunks=0), 4, 3 * X, 4 * X, 2.0),
     # One copy per token and node (groups are the nodes, one kept): half the far bytes; every
     # copy fans out inside the node (8X buffer · 3/4): 1 s each way on either link.
-    (cost_model.Variant('two-level', two_level=True), 1, 6 * X, 2 * X, 4.0),
+    (exchange_model.Variant('two-level', two_level=True), 1, 6 * X, 2 * X, 4.0),
     # The forward dispatch (one all-to-all of four) at 0.515625 of the bytes.
-    (cost_model.Variant('fp8', fp8=True), 1, 3 * X * 0.87890625, 4 * X * 0.87890625, 7.03125),
+    (exchange_model.Variant('fp8', fp8=True), 1, 3 * X * 0.87890625, 4 * X * 0.87890625, 7.03125),
     # Two levels and 4 chunks: 0.5 s per pass. The two-level rows travel in bf16: no FP8.
-    (cost_model.Variant('combined', 0, fp8=True, two_level=True), 4, 6 * X, 2 * X, 1.0),
+    (exchange_model.Variant('combined', 0, fp8=True, two_level=True), 4, 6 * X, 2 * X, 1.0),
 ])
 def test_exchange_variants_by_hand(variant, chunks, intra, inter, exposed):
-  row = cost_model.exchange_cost(_exchange(), FLAT, CHIP, variant)
+  row = exchange_model.exchange_cost(_exchange(), FLAT, CHIP, variant)
   assert row['chunks'] == chunks and row['nodes'] == 2
   assert row['bytes'] == {'intra': pytest.approx(intra), 'inter': pytest.approx(inter)}
   assert row['exposed_s'] == pytest.approx(exposed)
 
 
 def test_two_levels_only_where_the_exchange_runs_them():
-  both = cost_model.Variant('combined', 1, fp8=True, two_level=True)
-  fp8 = cost_model.exchange_cost(_exchange(), FLAT, CHIP, cost_model.Variant('fp8', fp8=True))
+  both = exchange_model.Variant('combined', 1, fp8=True, two_level=True)
+  fp8 = exchange_model.exchange_cost(_exchange(), FLAT, CHIP,
+                                     exchange_model.Variant('fp8', fp8=True))
   # Dropless rows and expert choice stay flat, FP8 included.
-  dropless = cost_model.exchange_cost(_exchange(node_aware=False), FLAT, CHIP, both)
+  dropless = exchange_model.exchange_cost(_exchange(node_aware=False), FLAT, CHIP, both)
   assert dropless['bytes'] == fp8['bytes'] and dropless['exposed_s'] == fp8['exposed_s']
   # On one node there is no second level, and FP8 applies.
   one_node, inside = dataclasses.replace(CHIP, node_size=8), {'intra': 7 * X, 'inter': 0.0}
-  combined = cost_model.exchange_cost(_exchange(), inside, one_node, both)
+  combined = exchange_model.exchange_cost(_exchange(), inside, one_node, both)
   assert combined['nodes'] == 1
   assert combined['bytes'] == {'intra': pytest.approx(7 * X * 0.87890625), 'inter': 0.0}
 
@@ -220,16 +236,19 @@ def test_two_levels_only_where_the_exchange_runs_them():
 def test_a_step_reports_its_exchange_and_exposed_communication():
   # 1 s of all-gather across nodes, not overlapped, and the exchange above.
   links = {4: {'exchange': FLAT, 'all-gather': {'intra': 0.0, 'inter': 0.5 * X}}}
-  step = _step(10.0, links, _exchange())
+  step = _step(10.0, links, _exchange(block_flops=2.0))
   row = cost_model.roofline(step, 1.0, CHIP)
   assert row['collective_s'] == {'all-gather': 1.0, 'exchange': 8.0}
   assert row['link_bytes'] == {'intra': 3 * X, 'inter': 4.5 * X}
   assert row['exposed_comm_s'] == 9.0 and row['step_s'] == 19.0
   variants = cost_model.exchange_variants(step, CHIP)
   assert [v['variant'] for v in variants] == ['flat', 'overlapped', 'two-level', 'fp8',
-                                              'combined']
-  assert [v['exposed_comm_s'] for v in variants] == pytest.approx([9, 3, 5, 8.03125, 2])
-  assert [v['step_s'] for v in variants] == pytest.approx([19, 13, 15, 18.03125, 12])
+                                              'combined', 'block', 'combined, block']
+  # Chunks of the whole block, 2 s of attention forward: in 4 chunks only one chunk's way in
+  # (forward 0.5 s, backward 0.5 s; two levels 0.25 s each) shows.
+  assert [v['exposed_comm_s'] for v in variants] == pytest.approx([9, 3, 5, 8.03125, 2, 2, 1.5])
+  assert [v['step_s'] for v in variants] == pytest.approx([19, 13, 15, 18.03125, 12, 12, 11.5])
+  assert [v['chunks'] for v in variants][-2:] == [4, 4]
   configured = cost_model.roofline(
       _step(10.0, links, _exchange(chunks=2, two_level=True)), 1.0, CHIP)['exchange']
   assert configured['variant'] == 'as configured' and configured['chunks'] == 2
@@ -246,21 +265,21 @@ def test_exchange_groups_are_those_the_compiled_exchange_uses():
                               mesh=mesh, in_specs=spec, out_specs=spec))
     x = jax.ShapeDtypeStruct((64, 4), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, spec))
     (compiled, _), = hlo_stats.module_stats(f.lower(x).compile().as_text()).collectives
-    assert cost_model.exchange_shape(config, dict(mesh.shape)).groups == compiled.groups
+    assert exchange_model.exchange_shape(config, dict(mesh.shape)).groups == compiled.groups
 
 
 def test_best_exchange_chunks():
   config = config_lib.load('configs/mixtral_8x7b.py', ['--config.train.batch_size=64'])
   mesh = {'data': 1, 'fsdp': 1, 'expert': 8, 'tensor': 1}  # 8 sequences per device
   h100 = hardware.CHIPS['h100']
-  assert cost_model.best_exchange_chunks(config, mesh, None) == 1  # a CPU: no figures
-  assert cost_model.best_exchange_chunks(config, {**mesh, 'expert': 1, 'data': 8}, h100) == 1
+  assert exchange_model.best_exchange_chunks(config, mesh, None) == 1  # a CPU: no figures
+  assert exchange_model.best_exchange_chunks(config, {**mesh, 'expert': 1, 'data': 8}, h100) == 1
   # Mixtral's experts take ~10× a layer's exchange on NVLink: the more chunks, the less
   # exposed, up to one per sequence, where a chunk's latency is still small.
-  assert cost_model.best_exchange_chunks(config, mesh, h100) == 8
+  assert exchange_model.best_exchange_chunks(config, mesh, h100) == 8
   # A latency as long as a chunk's exchange makes a few chunks best.
   slow = dataclasses.replace(h100, link_latency=2e-3)
-  assert 1 < cost_model.best_exchange_chunks(config, mesh, slow) < 8
+  assert 1 < exchange_model.best_exchange_chunks(config, mesh, slow) < 8
 
 
 @pytest.mark.parametrize('kind, chip', [('NVIDIA H100 80GB HBM3', 'h100'),
@@ -274,8 +293,16 @@ def test_auto_exchange_chunks_resolve_before_the_model_is_built():
   config = config_lib.load('configs/tiny.py', ['--config.mesh.expert=4',
                                                '--config.model.moe.exchange_chunks=0'])
   mesh = make_mesh(config, jax.devices()[:4])
-  cost_model.resolve_exchange_chunks(config, mesh)
+  exchange_model.resolve_exchange_chunks(config, mesh)
   assert config.model.moe.exchange_chunks == 1  # no known chip here: nothing to overlap
   config.model.moe.exchange_chunks = 2
-  cost_model.resolve_exchange_chunks(config, mesh)
+  exchange_model.resolve_exchange_chunks(config, mesh)
   assert config.model.moe.exchange_chunks == 2  # a set count stays
+
+
+def test_moe_block_weights_by_hand():
+  config = config_lib.load('configs/tiny.py', ['--config.model.moe.num_shared_experts=1'])
+  # Queries, keys and values 128·(128 + 64 + 64), output 128·128, router 128·8, one shared
+  # SwiGLU 3·128·256; the routed experts and the norms are not counted.
+  assert exchange_model.moe_block_weights(config.model) == (
+      128 * 256 + 128 * 128 + 128 * 8 + 3 * 128 * 256)

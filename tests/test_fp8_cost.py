@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from moetrain import config as config_lib
-from moetrain import cost_model, fp8_cost, hardware
+from moetrain import cost_model, exchange_model, fp8_cost, hardware
 from tests.test_cost_model import CHIP, FLAT, _exchange
 
 TOKENS = 16 * 256  # configs/tiny.py: 16 sequences of 256 tokens
@@ -99,8 +99,8 @@ def test_fp8_experts_hide_less_of_the_exchange():
   in 4 chunks forward T = max(4·(0.5 + 0.5), 0.5 + 4·0.5 + 0.5, …) = 4 s against 2 s of experts,
   backward 0.5 + 4·1 + 0.5 = 5 s against 4: 3 s exposed instead of 2."""
   chip = dataclasses.replace(CHIP, fp8_flops=2.0)
-  overlapped = cost_model.Variant('overlapped', chunks=0)
-  bf16 = cost_model.exchange_cost(_exchange(), FLAT, chip, overlapped)
-  fp8 = cost_model.exchange_cost(_exchange(fp8_matmuls=True), FLAT, chip, overlapped)
+  overlapped = exchange_model.Variant('overlapped', chunks=0)
+  bf16 = exchange_model.exchange_cost(_exchange(), FLAT, chip, overlapped)
+  fp8 = exchange_model.exchange_cost(_exchange(fp8_matmuls=True), FLAT, chip, overlapped)
   assert bf16['exposed_s'] == pytest.approx(2.0)
   assert fp8['exposed_s'] == pytest.approx(3.0) and fp8['chunks'] == 4

@@ -72,7 +72,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from moetrain import checkpoint, cost_model, trainer  # noqa: E402
+from moetrain import checkpoint, exchange_model, trainer  # noqa: E402
 from moetrain import config as config_lib  # noqa: E402
 from moetrain.errors import ConfigError  # noqa: E402
 from moetrain.models import dispatch, routing  # noqa: E402
@@ -221,7 +221,7 @@ def checkpoint_overhead(args):
   """Step times with and without an asynchronous save in flight."""
   config = config_lib.load(args.config, args.overrides)
   mesh = make_mesh(config)
-  cost_model.resolve_exchange_chunks(config, mesh)
+  exchange_model.resolve_exchange_chunks(config, mesh)
   setup = make_setup(config, mesh)
   with jax.set_mesh(setup.mesh), tempfile.TemporaryDirectory() as directory:
     state, step = init_state(setup), make_train_step(setup)

@@ -301,11 +301,11 @@ def _print_exchange(cost, chip) -> list:
         f'{variants[0]["nodes"]} node(s); the other collectives send {intra} '
         f'{others["intra"] / 2**30:.1f} GiB, {inter} {others["inter"] / 2**30:.1f} GiB '
         '(not overlapped)')
-  header = (f'  {"exchange":<11} {"chunks":>6} {intra + " GiB":>10} {inter + " GiB":>10} '
+  header = (f'  {"exchange":<15} {"chunks":>6} {intra + " GiB":>10} {inter + " GiB":>10} '
             f'{"link s":>8} {"exposed s":>9} {"comm exposed s":>14} {"step s":>8} {"of step":>7}')
   print(header)
   for row in variants:
-    print(f'  {row["variant"]:<11} {row["chunks"]:6d} {gb(row["bytes"]["intra"])} '
+    print(f'  {row["variant"]:<15} {row["chunks"]:6d} {gb(row["bytes"]["intra"])} '
           f'{gb(row["bytes"]["inter"])} {row["link_s"]:8.3f} {row["exposed_s"]:9.3f} '
           f'{row["exposed_comm_s"]:14.3f} {row["step_s"]:8.3f} '
           f'{100 * row["exposed_comm_s"] / row["step_s"]:6.1f}%')

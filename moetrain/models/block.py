@@ -1,7 +1,9 @@
 """The transformer block: pre-norm attention, then a dense MLP or an MoE feed-forward."""
 
+import jax
 from flax import nnx
 
+from moetrain.models import routing, routing_stats
 from moetrain.models.attention import Attention
 from moetrain.models.layers import RMSNorm
 from moetrain.models.mla import LatentAttention
@@ -11,7 +13,13 @@ from moetrain.parallel import sharding
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention, then a dense MLP or an MoE feed-forward."""
+  """Pre-norm residual block: attention, then a dense MLP or an MoE feed-forward.
+
+  An MoE block with `model.moe.exchange_overlap=block` runs each device's rows in
+  `exchange_chunks` independent chunks through the whole block (two-batch overlap): one chunk's
+  expert exchange has no data dependence on another chunk's attention, experts or shared
+  experts, so the scheduler can hide it behind them.
+  """
 
   def __init__(self, config, moe: bool, *, rngs: nnx.Rngs, mesh=None):
     self.attention_norm = RMSNorm(config.d_model, config)
@@ -21,9 +29,28 @@ class Block(nnx.Module):
     self.ffn = (MoE(config, rngs=rngs, mesh=mesh) if moe else
                 MLP(config, config.d_ff, rngs=rngs))
     self.mesh = mesh
+    block_chunks = moe and config.moe.exchange_overlap == 'block'
+    self.chunks = (config.moe.exchange_chunks or 1) if block_chunks else 1
 
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                rng):
+    if self.chunks == 1:
+      return self._rows(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
+                        rng)
+    outputs, units = [], []
+    for chunk in range(self.chunks):
+      rows = [None if a is None else sharding.local_chunk(a, chunk, self.chunks, self.mesh)
+              for a in (x_BxLxD, positions_BxL, segments_BxL, mask_BxL)]
+      chunk_rng = None if rng is None else jax.random.fold_in(rng, chunk)
+      outputs.append(self._rows(*rows, capacity_factor, train, chunk_rng))
+      moe = self.ffn.moe
+      units.append(routing.balance_units(rows[3].reshape(-1, moe.group_size * rows[3].shape[1]),
+                                         mode=moe.aux_loss, seq_len=rows[3].shape[1]))
+    y_BxLxD = sharding.join_local_chunks([y for y, _ in outputs], self.mesh)
+    return (sharding.constrain(y_BxLxD, self.mesh, 'batch', None, None),
+            routing_stats.merge_chunks([stats for _, stats in outputs], units))
+
+  def _rows(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train, rng):
     x_BxLxD = x_BxLxD + self.attention(self.attention_norm(x_BxLxD), positions_BxL,
                                        segments_BxL)
     h_BxLxD = self.ffn_norm(x_BxLxD)
@@ -32,4 +59,3 @@ class Block(nnx.Module):
     else:
       y_BxLxD, stats = self.ffn(h_BxLxD), None
     return sharding.constrain(x_BxLxD + y_BxLxD, self.mesh, 'batch', None, None), stats
-

@@ -55,8 +55,9 @@ class MoE(nnx.Module):
     self.fp8 = config.fp8
     self.exchange = two_level.node_aware(exchange.for_mesh(mesh, moe), moe)
     # 0 (auto) is set from the cost model before the trainer builds a model; a model built
-    # without that step exchanges in one chunk.
-    self.chunks = moe.exchange_chunks or 1
+    # without that step exchanges in one chunk. Chunks of the whole block (`Block`) reach this
+    # layer one at a time, each exchanged whole.
+    self.chunks = 1 if moe.exchange_overlap == 'block' else moe.exchange_chunks or 1
     self.mesh = mesh
 
   def __call__(self, x_BxLxD, mask_BxL, capacity_factor: float, *, train: bool = False,

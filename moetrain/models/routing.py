@@ -181,14 +181,7 @@ def load_balance_loss(probs_GxTxE: jax.Array, experts_GxTxK: jax.Array, mask_GxT
   num_groups, tokens, num_experts = probs_GxTxE.shape
   if not 0 <= num_null_experts < num_experts:
     raise ValueError(f'num_null_experts={num_null_experts} must be in [0, {num_experts})')
-  if mode == 'local':
-    unit = tokens
-  elif mode == 'global':
-    unit = num_groups * tokens
-  else:
-    unit = tokens if seq_len is None else seq_len
-    if tokens % unit:
-      raise ValueError(f'seq_len={seq_len} must divide the {tokens} tokens of a group')
+  unit = _balance_unit(mode, num_groups, tokens, seq_len)
   # Groups hold whole sequences in order, so a reshape regroups tokens into the chosen units.
   loss_U, has_real_U = _balance_loss_per_unit(
       probs_GxTxE.reshape(-1, unit, num_experts),
@@ -197,6 +190,30 @@ def load_balance_loss(probs_GxTxE: jax.Array, experts_GxTxK: jax.Array, mask_GxT
   # Units of padding only have no routing to balance; counting them as 0 would bias the mean.
   has_real_U = has_real_U.astype(jnp.float32)
   return jnp.sum(loss_U * has_real_U) / jnp.maximum(jnp.sum(has_real_U), 1.0)
+
+
+def _balance_unit(mode: str, num_groups: int, tokens: int, seq_len: int | None) -> int:
+  """Tokens in one unit the balance loss of `mode` averages over."""
+  if mode == 'local':
+    return tokens
+  if mode == 'global':
+    return num_groups * tokens
+  unit = tokens if seq_len is None else seq_len
+  if tokens % unit:
+    raise ValueError(f'seq_len={seq_len} must divide the {tokens} tokens of a group')
+  return unit
+
+
+def balance_units(mask_GxT: jax.Array, *, mode: str = 'local',
+                  seq_len: int | None = None) -> jax.Array:
+  """How many units `load_balance_loss` averages over, those with a real token: -> [] f32 (the
+  weight of its value when the losses of disjoint sets of groups are combined; 0 for 'none')."""
+  if mode == 'none':
+    return jnp.zeros((), jnp.float32)
+  num_groups, tokens = mask_GxT.shape
+  real_U = jnp.any(mask_GxT.reshape(-1, _balance_unit(mode, num_groups, tokens, seq_len)) != 0,
+                   axis=-1)
+  return jnp.sum(real_U.astype(jnp.float32))
 
 
 def router_z_loss(logits_GxTxE: jax.Array, mask_GxT: jax.Array) -> jax.Array:

@@ -49,6 +49,20 @@ def reduce_microbatches(stats_K: RoutingStats) -> RoutingStats:
                          for f in dataclasses.fields(RoutingStats)})
 
 
+def merge_chunks(stats_C: list, units_C: list) -> RoutingStats:
+  """One layer's stats from those of disjoint chunks of its groups: counts added, the balance
+  loss averaged over all chunks' units (`routing.balance_units` of each chunk), as one pass over
+  every group would give it."""
+  def merged(field):
+    values = [getattr(stats, field.name) for stats in stats_C]
+    if field.metadata['reduce'] == 'sum':
+      return sum(values)
+    if field.metadata['reduce'] == 'first':
+      return values[0]
+    return sum(v * u for v, u in zip(values, units_C)) / jnp.maximum(sum(units_C), 1.0)
+  return RoutingStats(**{f.name: merged(f) for f in dataclasses.fields(RoutingStats)})
+
+
 def from_microbatch_sums(stats_sum: RoutingStats, microbatches: int) -> RoutingStats:
   """Stats summed over `microbatches` microbatches → the step's, by each field's reduction
   ('first' fields hold the same value in every microbatch of a step, so their mean)."""

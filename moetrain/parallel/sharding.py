@@ -6,6 +6,7 @@ parameter, optimizer moment, batch and activation follows from `RULES`.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -135,6 +136,22 @@ def on_local_groups(mesh, fn, *arrays_G):
   # As in the expert exchange: under pipeline stages' vmap the types are not checked.
   return jax.shard_map(fn, mesh=mesh, in_specs=(batch,) * len(arrays_G), out_specs=batch,
                        check_vma=mesh_lib.stages(mesh) == 1)(*arrays_G)
+
+
+def local_chunk(x_B, chunk: int, chunks: int, mesh):
+  """Chunk `chunk` of `chunks` of every device's rows of `x_B` (leading axis split over the
+  batch axes): each device's rows in `chunks` consecutive runs, run `chunk` of each -> [B/n, …],
+  split as `x_B` was, so taking it moves nothing."""
+  split = x_B.reshape(shards(mesh, 'batch'), chunks, -1, *x_B.shape[1:])
+  return split[:, chunk].reshape(-1, *x_B.shape[1:])
+
+
+def join_local_chunks(chunks_B: list, mesh):
+  """The inverse of `local_chunk`: every device's chunks back in order -> [B, …]."""
+  first = chunks_B[0]
+  joined = jnp.stack([c.reshape(shards(mesh, 'batch'), -1, *first.shape[1:]) for c in chunks_B],
+                     axis=1)
+  return joined.reshape(-1, *first.shape[1:])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,9 +20,10 @@ from tests.steps import first_gradients, random_batch
 MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (1, 2, 2, 2)]
 
 
-def chunk_config(mesh, chunks, capacity_factor, num_layers=1):
+def chunk_config(mesh, chunks, capacity_factor, num_layers=1, overlap='experts'):
   data, fsdp, expert, tensor = mesh
   return config_lib.load('configs/tiny.py', [
+      f'--config.model.moe.exchange_overlap={overlap}', '--config.model.moe.aux_loss=sequence',
       '--config.model.vocab_size=128', '--config.model.d_model=32', '--config.model.d_ff=64',
       f'--config.model.num_layers={num_layers}', '--config.model.max_seq_len=16',
       '--config.model.num_heads=4', '--config.model.num_kv_heads=2',
@@ -36,22 +37,26 @@ def chunk_config(mesh, chunks, capacity_factor, num_layers=1):
 
 
 @functools.cache
-def step_one(mesh, chunks, capacity_factor):
-  config = chunk_config(mesh, chunks, capacity_factor)
+def step_one(mesh, chunks, capacity_factor, overlap='experts'):
+  config = chunk_config(mesh, chunks, capacity_factor, overlap=overlap)
   (grads, metrics, _), _ = first_gradients(config, jax.devices()[:8], random_batch(config))
   return grads, metrics
 
 
 # Every mesh with both routings (capacity factor 1, dropless); the chunk counts take turns.
-CASES = [((1, 1, 8, 1), 2, 1.0), ((1, 1, 8, 1), 4, 0.0), ((2, 1, 4, 1), 4, 1.0),
-         ((2, 1, 4, 1), 2, 0.0), ((1, 2, 2, 2), 2, 1.0), ((1, 2, 2, 2), 4, 0.0)]
+# Chunks of the whole block (exchange_overlap=block) on every mesh, both routings among them.
+CASES = [((1, 1, 8, 1), 2, 1.0, 'experts'), ((1, 1, 8, 1), 4, 0.0, 'experts'),
+         ((2, 1, 4, 1), 4, 1.0, 'experts'), ((2, 1, 4, 1), 2, 0.0, 'experts'),
+         ((1, 2, 2, 2), 2, 1.0, 'experts'), ((1, 2, 2, 2), 4, 0.0, 'experts'),
+         ((1, 1, 8, 1), 4, 0.0, 'block'), ((2, 1, 4, 1), 4, 1.0, 'block'),
+         ((1, 2, 2, 2), 2, 1.0, 'block')]
 
 
-@pytest.mark.parametrize('mesh,chunks,capacity_factor', CASES, ids=[
-    f'{"x".join(map(str, mesh))}-{chunks}-{"capacity" if factor else "dropless"}'
-    for mesh, chunks, factor in CASES])
-def test_chunked_exchange_equals_one_exchange(mesh, chunks, capacity_factor):
-  grads, metrics = step_one(mesh, chunks, capacity_factor)
+@pytest.mark.parametrize('mesh,chunks,capacity_factor,overlap', CASES, ids=[
+    f'{"x".join(map(str, mesh))}-{chunks}-{"capacity" if factor else "dropless"}-{overlap}'
+    for mesh, chunks, factor, overlap in CASES])
+def test_chunked_exchange_equals_one_exchange(mesh, chunks, capacity_factor, overlap):
+  grads, metrics = step_one(mesh, chunks, capacity_factor, overlap)
   one_grads, one = step_one(mesh, 1, capacity_factor)
   if capacity_factor:
     assert one['dropped_fraction'].max() > 0  # capacity dropping is on
@@ -61,9 +66,9 @@ def test_chunked_exchange_equals_one_exchange(mesh, chunks, capacity_factor):
                grads, one_grads)
 
 
-def forward_hlo(chunks):
+def forward_hlo(chunks, overlap='experts'):
   """The optimised HLO of one MoE layer's forward (an eval step) on 4 expert ranks."""
-  config = chunk_config((1, 1, 4, 1), chunks, 1.0)
+  config = chunk_config((1, 1, 4, 1), chunks, 1.0, overlap=overlap)
   setup = make_setup(config, make_mesh(config, jax.devices()[:4]))
   state = jax.eval_shape(lambda: init_state(setup))
   batch = jax.ShapeDtypeStruct((32, 16), np.int32, sharding=setup.batch_sharding)
@@ -99,9 +104,9 @@ def exchange_upstream(hlo_text: str) -> tuple[dict[str, str], dict[str, set[str]
   return roles, {name: upstream(name) for name in exchanges}
 
 
-@pytest.mark.parametrize('chunks', [1, 4])
-def test_no_chunk_exchange_waits_on_another_chunks_experts(chunks):
-  roles, upstream = exchange_upstream(forward_hlo(chunks))
+@pytest.mark.parametrize('chunks,overlap', [(1, 'experts'), (4, 'experts'), (4, 'block')])
+def test_no_chunk_exchange_waits_on_another_chunks_experts(chunks, overlap):
+  roles, upstream = exchange_upstream(forward_hlo(chunks, overlap))
   dispatches = {name for name, role in roles.items() if role == 'dispatch'}
   assert len(dispatches) == chunks and len(roles) == 2 * chunks, roles
   # No chunk's dispatch comes after any exchange; each combine after its own dispatch alone.
@@ -112,6 +117,49 @@ def test_no_chunk_exchange_waits_on_another_chunks_experts(chunks):
       assert len(before) == 1 and before <= dispatches, upstream
   # Every chunk's experts sit between its own dispatch and combine, so a dispatch with no
   # all-to-all upstream depends on no chunk's expert matmul.
+
+
+def matmuls_upstream(hlo_text: str, names) -> dict[str, set[str]]:
+  """For each instruction of `names`, the matmuls (dots, fusions holding one) upstream of it
+  that compute on the batch (downstream of the token inputs, this device's int32 rows)."""
+  computations, entry, _ = hlo_stats.parse(hlo_text)
+  instructions = {i.name: i for i in computations[entry].instructions}
+  tokens = {name for name, i in instructions.items()
+            if i.opcode == 'parameter' and i.result == [('s32', (8, 16))]}
+  on_batch = {}
+
+  def from_batch(name):
+    if name not in on_batch:
+      on_batch[name] = name in tokens or any(
+          from_batch(o) for o in instructions[name].operands if o in instructions)
+    return on_batch[name]
+
+  def is_matmul(i):
+    return i.opcode == 'dot' or (i.opcode == 'fusion' and
+                                 computations[i.callee].dot_flops > 0)
+
+  def upstream(name, seen):
+    for operand in instructions[name].operands:
+      if operand in instructions and operand not in seen:
+        seen.add(operand)
+        upstream(operand, seen)
+    return seen
+
+  return {name: {u for u in upstream(name, set())
+                 if is_matmul(instructions[u]) and from_batch(u)} for name in names}
+
+
+@pytest.mark.parametrize('overlap', ['experts', 'block'])
+def test_block_chunks_share_no_matmul_before_their_exchange(overlap):
+  """With exchange_overlap=block each chunk's dispatch follows its own attention and router
+  only; with experts, every chunk's dispatch waits for the attention of all rows."""
+  hlo = forward_hlo(4, overlap)
+  roles, _ = exchange_upstream(hlo)
+  dispatches = sorted(name for name, role in roles.items() if role == 'dispatch')
+  before = matmuls_upstream(hlo, dispatches)
+  assert all(before.values()), before  # the attention and router matmuls are found
+  shared = set.intersection(*before.values())
+  assert (not shared) == (overlap == 'block'), shared
 
 
 def test_chunks_that_do_not_divide_the_groups_are_refused():
