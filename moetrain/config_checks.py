@@ -168,9 +168,6 @@ def _validate_stages(config):
   if units % (stages * repeats):
     raise ConfigError(f'the {units} units of the main layer stack must split over mesh.stage='
                       f'{stages} × model.pipeline_repeats={repeats}')
-  if m.moe.exchange_overlap == 'block':
-    raise ConfigError(f'model.moe.exchange_overlap=block cannot run with mesh.stage={stages} '
-                      'yet')
   if config.train.microbatches < stages:
     raise ConfigError(f'train.microbatches={config.train.microbatches} must be >= '
                       f'mesh.stage={stages}: the pipeline needs a microbatch for every stage')

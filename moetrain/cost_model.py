@@ -239,8 +239,7 @@ def exchange_variants(cost: StepCost, chip: hardware.Chip) -> list[dict]:
   compute = max(fp8_cost.compute_seconds(cost.flops, cost.fp8_fraction, chip),
                 cost.minimum_traffic / chip.hbm_bandwidth)
   rows = []
-  staged = cost.mesh.get('stage', 1) > 1  # chunks of the whole block run without stages
-  for variant in (v for v in exchange_model.VARIANTS if not (staged and v.overlap == 'block')):
+  for variant in exchange_model.VARIANTS:
     row, exposed = _with_exchange(cost, chip, variant)
     rows.append({**row, 'exposed_comm_s': exposed, 'step_s': compute + exposed})
   return rows

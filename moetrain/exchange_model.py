@@ -192,10 +192,12 @@ def _exchange_at(exchange, flat, chip, variant, chunks) -> dict:
   alls = 2 * (exchange.forward_passes + 1)  # all-to-alls per pipeline: in and out, each pass
   one = {'intra': intra / alls / exchange.pipelines, 'inter': inter / alls / exchange.pipelines}
   # The two link classes carry their shares at the same time.
-  link_s = lambda scale: max(scale * one[link] / chip.bandwidth(link) for link in one)
-  # The two-level exchange sends its rows in the activation dtype (`models.two_level`).
-  ratio = fp8_ratio(exchange.width) if variant.fp8 and not two_levels else 1.0
-  dispatch_s, wide_s = link_s(ratio), link_s(1.0)
+  link_s = lambda scales: max(scales[link] * one[link] / chip.bandwidth(link) for link in one)
+  # FP8 dispatch: two levels quantise the rows that cross nodes, which travel on inside the
+  # node in the activation dtype (`models.two_level`).
+  ratio = fp8_ratio(exchange.width) if variant.fp8 else 1.0
+  ratios = {'intra': 1.0 if two_levels else ratio, 'inter': ratio}
+  dispatch_s, wide_s = link_s(ratios), link_s(dict.fromkeys(one, 1.0))
   latency = chip.latency('inter' if nodes > 1 else 'intra')
   compute = exchange.expert_flops / exchange.pipelines / chip.matmul_flops(exchange.fp8_matmuls)
   # Chunks of the whole block: their attention, router and shared experts at the bf16 peak.
@@ -205,9 +207,9 @@ def _exchange_at(exchange, flat, chip, variant, chunks) -> dict:
   backward = chunk_pipeline(wide_s, 2 * compute, wide_s, chunks, latency,  # in bf16
                             after_s=2 * rest) - 2 * rest
   passes = exchange.forward_passes
-  sent = (alls - passes * (1 - ratio)) / alls
+  sent = {link: (alls - passes * (1 - r)) / alls for link, r in ratios.items()}
   return {'variant': variant.name, 'chunks': chunks, 'nodes': nodes,
-          'bytes': {'intra': intra * sent, 'inter': inter * sent},
+          'bytes': {'intra': intra * sent['intra'], 'inter': inter * sent['inter']},
           'link_s': exchange.pipelines * (passes * (dispatch_s + wide_s) + 2 * wide_s),
           'exposed_s': exchange.pipelines * (passes * (forward - compute) + backward - 2 * compute)}
 

@@ -118,7 +118,8 @@ def pipelined_cost(config, devices: int) -> PipelinedCost:
   groups = {**small.collective_groups, **{f'stage {role}': stages for role in stage}}
   exchange = small.exchange and dataclasses.replace(
       small.exchange, mesh=mesh, pipelines=small.exchange.pipelines * runs // units,
-      expert_flops=small.exchange.expert_flops * runs / units)
+      expert_flops=small.exchange.expert_flops * runs / units,
+      block_flops=small.exchange.block_flops * runs / units)
   heads = small.mesh.get('tensor', 1)  # 'heads' → tensor (parallel.sharding.RULES)
   activations = summary.activation_bytes(config, mesh, heads)
   memory = {'params': small.estimated_memory['params'],

@@ -209,14 +209,29 @@ FLAT = {'intra': 3 * X, 'inter': 4 * X}  # an 8-way exchange: 3 peers near, 4 fa
     (exchange_model.Variant('two-level', two_level=True), 1, 6 * X, 2 * X, 4.0),
     # The forward dispatch (one all-to-all of four) at 0.515625 of the bytes.
     (exchange_model.Variant('fp8', fp8=True), 1, 3 * X * 0.87890625, 4 * X * 0.87890625, 7.03125),
-    # Two levels and 4 chunks: 0.5 s per pass. The two-level rows travel in bf16: no FP8.
-    (exchange_model.Variant('combined', 0, fp8=True, two_level=True), 4, 6 * X, 2 * X, 1.0),
+    # Two levels and 4 chunks: 0.5 s per pass. FP8 on the rows that cross nodes only, so the
+    # dispatch still takes 1 s inside the node.
+    (exchange_model.Variant('combined', 0, fp8=True, two_level=True), 4, 6 * X,
+     2 * X * 0.87890625, 1.0),
 ])
 def test_exchange_variants_by_hand(variant, chunks, intra, inter, exposed):
   row = exchange_model.exchange_cost(_exchange(), FLAT, CHIP, variant)
   assert row['chunks'] == chunks and row['nodes'] == 2
   assert row['bytes'] == {'intra': pytest.approx(intra), 'inter': pytest.approx(inter)}
   assert row['exposed_s'] == pytest.approx(exposed)
+
+
+def test_fp8_quantises_the_two_level_rows_that_cross_nodes():
+  # The network at 0.25·X/s: a two-level all-to-all takes 2 s across nodes, 1 s inside; the
+  # forward dispatch in FP8 1.03125 s across (0.515625 of the bytes), still 1 s inside.
+  slow = dataclasses.replace(CHIP, network_bandwidth=0.25 * X)
+  run = lambda variant: exchange_model.exchange_cost(_exchange(), FLAT, slow, variant)
+  wide = run(exchange_model.Variant('two-level', 1, two_level=True))
+  both = run(exchange_model.Variant('combined', 1, fp8=True, two_level=True))
+  assert wide['exposed_s'] == pytest.approx(8.0)  # 2 + 2 forward, 2 + 2 backward
+  assert both['exposed_s'] == pytest.approx(7.03125)
+  assert both['bytes'] == {'intra': pytest.approx(6 * X),
+                           'inter': pytest.approx(2 * X * 0.87890625)}
 
 
 def test_two_levels_only_where_the_exchange_runs_them():

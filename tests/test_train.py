@@ -145,9 +145,6 @@ def test_negative_capacity_factor(tmp_path):
       '--config.train.microbatches=2'], ['model.mtp_layers=1', 'mesh.stage=2']),
     (['--config.model.moe.exchange_overlap=block', '--config.model.moe.aux_loss=global'],
      ['model.moe.exchange_overlap=block', 'model.moe.aux_loss=global']),
-    (['--config.model.moe.exchange_overlap=block', '--config.model.scan_layers=true',
-      '--config.mesh.stage=2', '--config.train.microbatches=2'],
-     ['model.moe.exchange_overlap=block', 'mesh.stage=2']),
     (['--config.model.moe.exchange_overlap=layer'],
      ["model.moe.exchange_overlap='layer'", 'experts, block']),
 ])
@@ -155,7 +152,7 @@ def test_refusals_name_the_fields(tmp_path, capsys, flags, fields):
   """Dropless is capacity_factor=0 and nothing else: every other way of saying it, or a
   contradiction, is one line naming the fields, status 2, nothing written. So is a negative
   multi-token-prediction depth, or one with pipeline stages, and chunks of the whole block
-  where they cannot run."""
+  with a balance loss pooled over the batch."""
   workdir = tmp_path / 'w'
   assert train.main(['--config', 'configs/tiny.py', '--workdir', str(workdir), *flags]) == 2
   lines = capsys.readouterr().err.strip().splitlines()

@@ -24,8 +24,9 @@ holds every token that needs the node, both exchanges keep the same assignments,
 drops included. Cn follows the capacity factor (`node_capacity`).
 
 Everything else (dropless rows, expert choice, the weights and the hidden-unit sum) is the
-flat exchange's: those paths fall back to it. Token rows travel in the activation dtype here
-(`model.moe.exchange_dtype` acts on the flat paths only).
+flat exchange's: those paths fall back to it. With `model.moe.exchange_dtype=float8_e4m3fn` the
+token rows cross nodes quantised, as the flat exchange sends them (`ExpertParallel.dispatch`),
+and travel on inside the node in the activation dtype; the partial sums go home unquantised.
 
 Shape suffixes: G dispatch groups, T tokens per group, K experts per token, D model dim,
 E experts, N nodes, Cn rows per node per group, S = N·Cn rows of a group's node buffer,
@@ -33,6 +34,7 @@ C expert capacity, R = N·G groups received on a node.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -174,6 +176,16 @@ def _home(a_RxCxW, nodes, inter):
   return a_GxNxCxW.reshape(num_received // nodes, nodes * rows, width)
 
 
+def _send_to_nodes(a_GxSxW, plan, *, nodes, inter):
+  del plan  # node buffers need none
+  return _to_nodes(a_GxSxW, nodes, inter)
+
+
+def _send_home(a_RxCxW, plan, *, nodes, inter):
+  del plan
+  return _home(a_RxCxW, nodes, inter)
+
+
 def intra_groups(peers: int, nodes: int) -> list[list[int]]:
   """Expert ranks by node: [[0 .. Q-1], [Q .. 2Q-1], ...]."""
   return np.arange(peers).reshape(nodes, -1).tolist()
@@ -263,8 +275,12 @@ class TwoLevel:
     # Rows arrive in the flat exchange's order within each source group, so the expert
     # capacity C per group keeps what the flat exchange keeps.
     intra = IntraNode(self.flat, tuple(map(tuple, intra_groups(peers, nodes))))
+    send = functools.partial(_send_to_nodes, nodes=nodes, inter=across)
+    send_home = functools.partial(_send_home, nodes=nodes, inter=across)
+    x_RxCxD = self.flat.dispatch(send, send_home, x_GxNxCxD.reshape(num_groups, nodes * rows, -1),
+                                 (), ())
     y_RxCxD, kept_RxCxK = pipeline.token_choice(
-        to_nodes(x_GxNxCxD.reshape(num_groups, nodes * rows, -1)),
+        x_RxCxD,
         to_nodes(local_GxSxK).astype(jnp.int32), to_nodes(gates_GxSxK),
         jnp.ones((nodes * num_groups, rows), jnp.float32), weights,
         num_experts=num_experts // nodes, capacity=capacity, backend=backend, exchange=intra,

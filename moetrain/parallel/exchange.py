@@ -157,14 +157,16 @@ class ExpertParallel:
   def buffers_to_experts(self, x_GxExCxD):
     """This device's buffers for all E experts → the slots of its own L experts from every
     device's groups: [P·G, L, C, D]."""
-    return self._dispatch(_BUFFERS_OUT, _BUFFERS_HOME, x_GxExCxD, (), ())
+    return self.dispatch(_BUFFERS_OUT, _BUFFERS_HOME, x_GxExCxD, (), ())
 
   def buffers_from_experts(self, y_NxLxCxD):
     with jax.named_scope('combine'):
       return _BUFFERS_HOME(y_NxLxCxD, ())
 
-  def _dispatch(self, send, send_back, x_NxD, plan, back_plan):
-    """`send(x, plan)` in the wire dtype; `send_back(y, back_plan)` is its inverse."""
+  def dispatch(self, send, send_back, x_NxD, plan, back_plan):
+    """`send(x, plan)` in the wire dtype; `send_back(y, back_plan)` is its inverse. Any
+    exchange of token rows towards the experts goes through here (the two-level exchange's
+    rows across nodes too)."""
     # Named, so that profiles and compiled HLO tell the two directions apart.
     with jax.named_scope('dispatch'):
       if not self.wire_dtype:
@@ -194,7 +196,7 @@ class ExpertParallel:
                  mine(counts_PxE).reshape(-1),
                  mine(_exclusive_cumsum(counts_PxE, axis=1)).reshape(-1), counts_E)
     num_rows = x_MxD.shape[0]
-    received_RxD = self._dispatch(
+    received_RxD = self.dispatch(
         functools.partial(_ragged, num_out=peers * num_rows, native=self.native),
         functools.partial(_ragged, num_out=num_rows, native=self.native), x_MxD, plan, back_plan)
     return received_RxD, totals_PxL[me], (back_plan, num_rows)

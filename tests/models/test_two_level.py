@@ -13,7 +13,7 @@ import pytest
 from moetrain import hlo_stats
 from moetrain.errors import ConfigError
 from moetrain.models import pipeline, routing, two_level
-from moetrain.parallel import exchange
+from moetrain.parallel import exchange, fp8
 
 GROUPS, TOKENS, D_MODEL, D_EXPERT, NUM_EXPERTS = 8, 16, 32, 24, 16
 AUTO4 = (jax.sharding.AxisType.Auto,) * 4
@@ -64,8 +64,8 @@ def values_and_gradients(forward, arrays, cotangent):
   return jax.device_get(training_step(forward, cotangent)(*[arrays[n] for n in ARGUMENTS]))
 
 
-def two_level_exchange(shape, nodes, num_groups=1, topk_groups=1):
-  flat = exchange.ExpertParallel(make_mesh(shape))
+def two_level_exchange(shape, nodes, num_groups=1, topk_groups=1, wire_dtype=''):
+  flat = exchange.ExpertParallel(make_mesh(shape), wire_dtype=wire_dtype)
   moe = ml_collections.ConfigDict(dict(exchange_nodes=nodes, num_groups=num_groups,
                                        topk_groups=topk_groups))
   two = two_level.node_aware(flat, moe)
@@ -263,3 +263,34 @@ def test_dropless_falls_back_to_the_flat_exchange():
   assert_same(result, dropless_single_device())
   # One process on the test machine: one node, the flat exchange itself.
   assert two_level.node_aware(flat) is flat
+
+
+def test_fp8_rows_cross_nodes_quantised_and_gradients_pass_straight_through():
+  """With an FP8 wire the rows crossing nodes are the two-level exchange's rows of the
+  quantised tokens, and every gradient is the one at those tokens (straight through)."""
+  arrays, cotangent = problem()
+  _, two = two_level_exchange((1, 1, 8, 1), 2)
+  _, two_fp8 = two_level_exchange((1, 1, 8, 1), 2, wire_dtype='float8_e4m3fn')
+  quantised = {**arrays, 'x': np.asarray(fp8.dequantize(*fp8.quantize(arrays['x']), np.float32))}
+  assert not np.array_equal(quantised['x'], arrays['x'])
+  options = dict(capacity=TOKENS // 2)
+  result = values_and_gradients(ffn(two_fp8.token_choice, arrays, **options), arrays, cotangent)
+  assert_same(result, values_and_gradients(ffn(two.token_choice, quantised, **options),
+                                           quantised, cotangent))
+
+
+def test_fp8_rows_shrink_the_bytes_crossing_nodes_by_their_wire_width():
+  """Forward, the token rows are the only float rows that cross nodes towards the experts: the
+  FP8 wire sends W = D + 4·ceil(D/128) bytes of each instead of 4·D (float32 here)."""
+  arrays, _ = problem()
+  node_of_device = {d: d // 4 for d in range(8)}
+
+  def inter_bytes(wire_dtype):
+    _, two = two_level_exchange((1, 1, 8, 1), 2, wire_dtype=wire_dtype)
+    forward = jax.jit(ffn(two.token_choice, arrays, capacity=TOKENS // 2))
+    hlo = forward.lower(*[arrays[name] for name in ARGUMENTS]).compile().as_text()
+    return inter_and_other_all_to_all_bytes(hlo, node_of_device)[0]
+
+  rows = GROUPS // 8 * two_level.node_capacity(TOKENS // 2, TOKENS, 4, NUM_EXPERTS, 2, 2) * 2
+  wire = D_MODEL + 4 * fp8.num_blocks(D_MODEL)
+  assert inter_bytes('') - inter_bytes('float8_e4m3fn') == rows * (4 * D_MODEL - wire)
