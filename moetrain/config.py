@@ -80,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   #                 tensorwise (a scale per tensor) | blockwise (DeepSeek-V3's 1×128 and 128×128
   #                 blocks); router, embedding, output layer, norms, softmax and loss keep dtype
   m.scan_layers = False  # run identical blocks as one scanned stack (compile time flat in depth)
+  m.scan_unroll = 1  # units per iteration of the scanned stack: XLA schedules across them
   # Pipeline parallelism (mesh.stage > 1) runs the main scanned stack (the MoE units; a dense
   # model's blocks) in stages: with repeats r > 1 each stage holds r slices of it, one per round
   # of a circular schedule, and the stack's weights are stored [r, units / r, ...].

@@ -30,6 +30,7 @@ ENUMS = {
 POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'model.moe.group_size',
+    'model.scan_unroll',
     'model.moe.layer_interval', 'model.moe.num_groups', 'model.moe.topk_groups', 'train.steps',
     'train.batch_size', 'train.seq_len',
     'train.log_every', 'train.eval_batches', 'train.microbatches', 'train.keep_checkpoints',

@@ -116,15 +116,16 @@ _COMPILED = {}  # (stand-in config, devices) -> `_compile`'s result
 
 def step_cost(config, devices=None) -> StepCost:
   """Compiles `config`'s train step for `devices` (default: all) and reads its costs. Its
-  expert exchange compiles flat, in one chunk, and without FP8: stand-in CPU devices share no
-  nodes and need not quantise, chunks move the same bytes, and every way to run the exchange is
-  modelled from the flat one's bytes (`exchange_model.exchange_cost`; `exchange` keeps the
-  config's own settings), FP8 matmuls from the bf16 step (`fp8_cost`). Configs that differ
-  only there share one compilation (held for this process)."""
+  expert exchange compiles flat, in one chunk, and without FP8, its scan not unrolled:
+  stand-in CPU devices share no nodes and need not quantise, chunks and unrolling move the same
+  bytes, and every way to run the exchange is modelled from the flat one's bytes
+  (`exchange_model.exchange_cost`; `exchange` keeps the config's own settings), FP8 matmuls
+  from the bf16 step (`fp8_cost`). Configs that differ only there share one compilation (held
+  for this process)."""
   flat = config.copy_and_resolve_references()
   moe = flat.model.moe
   moe.exchange_chunks, moe.exchange_nodes, moe.exchange_dtype = 1, 1, ''
-  flat.model.fp8 = 'none'
+  flat.model.fp8, flat.model.scan_unroll = 'none', 1
   devices = tuple(devices or jax.devices())
   key = (flat.to_json(), devices)
   if key not in _COMPILED:

@@ -44,6 +44,7 @@ class Exchange:
   # The MoE blocks' other matmuls and attention of one forward pass (all pipelines): what
   # chunks of the whole block hide their exchange behind besides the experts.
   block_flops: float = 0.0
+  unrolled: int = 1  # MoE layers one scan iteration runs (all of them without a scan)
 
   @property
   def groups(self) -> list[list[int]]:
@@ -110,12 +111,16 @@ def exchange_shape(config, mesh: dict) -> Exchange:
       expert_flops=2.0 * 3 * m.d_model * (moe.d_expert or m.d_ff) * rows / mesh['tensor'],
       width=jnp.dtype(m.dtype).itemsize, top_k=moe.top_k, num_experts=moe.num_experts,
       num_groups=moe.num_groups, topk_groups=moe.topk_groups, fp8_matmuls=m.fp8 != 'none',
-      overlap=moe.exchange_overlap, block_flops=block_flops)
+      overlap=moe.exchange_overlap, block_flops=block_flops,
+      unrolled=min(m.scan_unroll, moe_layers) if m.scan_layers else moe_layers)
 
 
 def chunk_pipeline(dispatch_s: float, compute_s: float, combine_s: float, chunks: int,
-                   latency_s: float = 0.0, before_s: float = 0.0, after_s: float = 0.0) -> float:
-  """Seconds of one MoE layer pass whose exchange runs in `chunks` independent chunks.
+                   latency_s: float = 0.0, before_s: float = 0.0, after_s: float = 0.0,
+                   layers: int = 1) -> float:
+  """Seconds of one MoE layer pass whose exchange runs in `chunks` independent chunks (of
+  `layers` such passes one after another, when the chunks of the whole block run through
+  consecutive layers without waiting for each other: an unrolled scan, `model.scan_unroll`).
 
   Chunk i's dispatch (u = dispatch_s/n + latency_s) and combine (w = combine_s/n + latency_s)
   share the link; its experts (v = compute_s/n) the chip, and wait for its dispatch; its
@@ -133,11 +138,12 @@ def chunk_pipeline(dispatch_s: float, compute_s: float, combine_s: float, chunks
   one chunk's way in and out, which nothing hides, or the link's whole load beyond the
   experts', whichever is longer (one chunk: 2a, nothing overlaps). Work before and after hides
   the first dispatch and the last combine too, and the link's load beyond the experts' up to
-  its own length.
+  its own length; over several layers, a chunk's combine also hides behind the other chunks'
+  work of the next layer.
   """
   stages = [('chip', before_s / chunks), ('link', dispatch_s / chunks + latency_s),
             ('chip', compute_s / chunks), ('link', combine_s / chunks + latency_s),
-            ('chip', after_s / chunks)]
+            ('chip', after_s / chunks)] * layers
   free, done = {'chip': 0.0, 'link': 0.0}, [0.0] * chunks
   for resource, seconds in stages:
     if seconds:
@@ -203,9 +209,12 @@ def _exchange_at(exchange, flat, chip, variant, chunks) -> dict:
   # Chunks of the whole block: their attention, router and shared experts at the bf16 peak.
   rest = exchange.block_flops / exchange.pipelines / chip.peak_flops
   rest = rest if variant.overlap == 'block' else 0.0
-  forward = chunk_pipeline(dispatch_s, compute, wide_s, chunks, latency, before_s=rest) - rest
+  # Chunks of the whole block keep apart across the layers an iteration unrolls.
+  layers = exchange.unrolled if variant.overlap == 'block' else 1
+  forward = chunk_pipeline(dispatch_s, compute, wide_s, chunks, latency, before_s=rest,
+                           layers=layers) / layers - rest
   backward = chunk_pipeline(wide_s, 2 * compute, wide_s, chunks, latency,  # in bf16
-                            after_s=2 * rest) - 2 * rest
+                            after_s=2 * rest, layers=layers) / layers - 2 * rest
   passes = exchange.forward_passes
   sent = {link: (alls - passes * (1 - r)) / alls for link, r in ratios.items()}
   return {'variant': variant.name, 'chunks': chunks, 'nodes': nodes,

@@ -131,6 +131,14 @@ def test_block_chunks_by_hand(dispatch, compute, combine, before, after, seconds
                                    after_s=after) == pytest.approx(seconds)
 
 
+def test_block_chunks_through_unrolled_layers_by_hand():
+  # Layer 1 as above (chip busy to 6, C2 6–6.5); layer 2's attention of chunk 1 runs 6–7 while
+  # C2 crosses, chunk 2's 7–8, D1' 7–7.5, D2' 8–8.5, E1' 8–10, E2' 10–12, C2' 12–12.5: the
+  # last combine shows once in two layers.
+  assert exchange_model.chunk_pipeline(1, 4, 1, 2, before_s=2, layers=2) == pytest.approx(12.5)
+  assert exchange_model.chunk_pipeline(1, 4, 1, 2, before_s=2, layers=8) == pytest.approx(48.5)
+
+
 def _dispatch_first(u, v, w, n):
   """Event by event: every dispatch back to back, each chunk's experts once its dispatch has
   landed and the previous chunk's are done, each combine once the link is free, its experts are

@@ -80,6 +80,7 @@ class Transformer(nnx.Module):
     blocks = [Block(config, is_moe_layer(config, i), rngs=rngs, mesh=mesh)
               for i in range(config.num_layers)]
     self.scan_layers = bool(config.get('scan_layers', False))
+    self.scan_unroll = config.get('scan_unroll', 1)
     if remat not in REMAT_POLICIES:
       raise ValueError(f'remat={remat!r} must be one of {", ".join(REMAT_POLICIES)}')
     self.remat = remat
@@ -296,7 +297,8 @@ class Transformer(nnx.Module):
         x_BxLxD, block_stats = self._block(block, first + offset, x_BxLxD, *args)
         stats = block_stats if block_stats is not None else stats
       return x_BxLxD, (stats, nnx.to_pure_dict(nnx.state(unit)))
-    x_BxLxD, (stats, new_units) = jax.lax.scan(body, x_BxLxD, (units, firsts))
+    x_BxLxD, (stats, new_units) = jax.lax.scan(body, x_BxLxD, (units, firsts),
+                                               unroll=self.scan_unroll)
     return x_BxLxD, stats, new_units
 
   def _stack(self, layer_stats):

@@ -66,9 +66,11 @@ def test_chunked_exchange_equals_one_exchange(mesh, chunks, capacity_factor, ove
                grads, one_grads)
 
 
-def forward_hlo(chunks, overlap='experts'):
-  """The optimised HLO of one MoE layer's forward (an eval step) on 4 expert ranks."""
+def forward_hlo(chunks, overlap='experts', **model):
+  """The optimised HLO of one MoE layer's forward (an eval step) on 4 expert ranks (`model`:
+  fields of the model section to set)."""
   config = chunk_config((1, 1, 4, 1), chunks, 1.0, overlap=overlap)
+  config.model.update(model)
   setup = make_setup(config, make_mesh(config, jax.devices()[:4]))
   state = jax.eval_shape(lambda: init_state(setup))
   batch = jax.ShapeDtypeStruct((32, 16), np.int32, sharding=setup.batch_sharding)
@@ -90,8 +92,9 @@ def exchange_upstream(hlo_text: str) -> tuple[dict[str, str], dict[str, set[str]
   roles = dict(re.findall(r'%(all-to-all[\w.\-]*) = .*op_name="[^"]*shard_map/'
                           r'(dispatch|combine)/all_to_all"', hlo_text))
   exchanges = set(roles)
-  computations, entry, _ = hlo_stats.parse(hlo_text)
-  producers = {i.name: i for i in computations[entry].instructions}
+  computations, _, _ = hlo_stats.parse(hlo_text)
+  # Names are unique in a module; a loop body's chains stop at its parameters.
+  producers = {i.name: i for c in computations.values() for i in c.instructions}
   found = {}
 
   def upstream(name):
@@ -117,6 +120,23 @@ def test_no_chunk_exchange_waits_on_another_chunks_experts(chunks, overlap):
       assert len(before) == 1 and before <= dispatches, upstream
   # Every chunk's experts sit between its own dispatch and combine, so a dispatch with no
   # all-to-all upstream depends on no chunk's expert matmul.
+
+
+@pytest.mark.parametrize('overlap', ['experts', 'block'])
+def test_unrolled_layers_keep_the_block_chunks_apart(overlap):
+  """Four layers scanned two to an iteration (model.scan_unroll=2): with chunks of the whole
+  block, each chunk's exchanges of the two layers form a chain of their own, so one chunk's
+  combine can overlap the other's next attention; with chunks of the experts the next layer
+  waits for both chunks."""
+  hlo = forward_hlo(2, overlap, num_layers=4, scan_layers=True, scan_unroll=2)
+  roles, upstream = exchange_upstream(hlo)
+  chains = []
+  for name in sorted(roles, key=lambda n: len(upstream[n])):
+    linked = {name} | upstream[name]
+    joined = [chain for chain in chains if chain & linked]
+    chains = [chain for chain in chains if not chain & linked] + [set().union(linked, *joined)]
+  sizes = sorted(len(chain) for chain in chains)
+  assert sizes == ([4, 4] if overlap == 'block' else [8]), chains
 
 
 def matmuls_upstream(hlo_text: str, names) -> dict[str, set[str]]:

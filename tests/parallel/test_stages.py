@@ -184,12 +184,14 @@ def test_the_step_permutes_activations_over_stages_and_gathers_no_stack_weights(
 
 
 def test_chunks_of_the_whole_block_inside_stages_equal_the_single_device_step():
-  """model.moe.exchange_overlap=block in every stage: two chunks of each microbatch's rows."""
+  """model.moe.exchange_overlap=block in every stage: two chunks of each microbatch's rows,
+  through two layers per iteration of the stage's scan."""
   bigger = ['--config.train.batch_size=32', '--config.train.microbatches=2']
   expected, single = single_device_step(*bigger)
   config = small_config(*MESHES['stage2_expert2_fsdp2'], *bigger,
                         '--config.model.moe.exchange_overlap=block',
-                        '--config.model.moe.exchange_chunks=2')
+                        '--config.model.moe.exchange_chunks=2',
+                        '--config.model.scan_unroll=2')
   grads, metrics, _ = first_gradients(config, devices_for(config),
                                       random_batch(config, padding=3))[0]
   assert single['dropped_fraction'].max() > 0
