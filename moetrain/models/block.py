@@ -3,7 +3,7 @@
 import jax
 from flax import nnx
 
-from moetrain.models import routing, routing_stats
+from moetrain.models import pipeline, routing, routing_stats
 from moetrain.models.attention import Attention
 from moetrain.models.layers import RMSNorm
 from moetrain.models.mla import LatentAttention
@@ -34,12 +34,16 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                rng):
-    if self.chunks == 1:
+    chunks = self.chunks
+    if chunks > 1:
+      groups = x_BxLxD.shape[0] // sharding.shards(self.mesh, 'batch') // self.ffn.moe.group_size
+      chunks = pipeline.chunk_count(groups, chunks)
+    if chunks == 1:
       return self._rows(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                         rng)
     outputs, units = [], []
-    for chunk in range(self.chunks):
-      rows = [None if a is None else sharding.local_chunk(a, chunk, self.chunks, self.mesh)
+    for chunk in range(chunks):
+      rows = [None if a is None else sharding.local_chunk(a, chunk, chunks, self.mesh)
               for a in (x_BxLxD, positions_BxL, segments_BxL, mask_BxL)]
       chunk_rng = None if rng is None else jax.random.fold_in(rng, chunk)
       outputs.append(self._rows(*rows, capacity_factor, train, chunk_rng))

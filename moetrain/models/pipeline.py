@@ -102,7 +102,14 @@ def _buffer_experts(x_GxExCxD, weights, exchange, chunks, fp8):
   return jnp.concatenate([
       exchange.buffers_from_experts(_buffer_swiglu(exchange.buffers_to_experts(x), local,
                                                    exchange, fp8))
-      for x in jnp.split(x_GxExCxD, chunks)])
+      for x in jnp.split(x_GxExCxD, chunk_count(x_GxExCxD.shape[0], chunks))])
+
+
+def chunk_count(groups: int, chunks: int) -> int:
+  """`chunks`, or 1 where they do not divide a device's `groups`. The config checks hold the
+  training batch to it; a batch of another size (one row decoded, an odd evaluation batch)
+  runs in one chunk, which gives the same result."""
+  return chunks if groups % chunks == 0 else 1
 
 
 def _buffer_swiglu(x_NxLxCxD, local_weights, exchange, fp8):
@@ -134,6 +141,7 @@ def sort_by_expert(experts_GxTxK: jax.Array, kept_GxTxK: jax.Array,
 def _dropless(arrays, weights, *, num_experts, exchange, chunks, fp8):
   """Dropless experts on this device's groups, in `chunks` independent exchanges."""
   local = _local_weights(weights, exchange, arrays[0].dtype, fp8)
+  chunks = chunk_count(arrays[0].shape[0], chunks)
   parts = [_dropless_chunk(chunk, local, num_experts, exchange, fp8)
            for chunk in zip(*(jnp.split(a, chunks) for a in arrays))]
   return tuple(jnp.concatenate(outputs) for outputs in zip(*parts))

@@ -12,7 +12,7 @@ from moetrain import config as config_lib
 from moetrain import hlo_stats
 from moetrain.errors import ConfigError
 from moetrain.parallel.mesh import make_mesh
-from moetrain.state import init_state, make_setup
+from moetrain.state import build_model, init_state, make_setup
 from moetrain.steps import make_eval_step
 from tests.steps import first_gradients, random_batch
 
@@ -193,3 +193,14 @@ def test_a_node_count_that_does_not_divide_the_expert_axis_is_refused():
                                                '--config.model.moe.exchange_nodes=3'])
   with pytest.raises(ConfigError, match=r'model.moe.exchange_nodes=3 must divide mesh.expert=8'):
     make_mesh(config, jax.devices()[:8])
+
+
+@pytest.mark.parametrize('overlap', ['experts', 'block'])
+def test_a_batch_the_chunks_do_not_divide_runs_in_one_chunk(overlap):
+  """Decoding one row (or an odd evaluation batch) with a model trained in chunks: the chunks
+  are a schedule, so such a batch runs in one, with the same logits."""
+  logits = {}
+  for chunks in (1, 2):
+    config = chunk_config((1, 1, 1, 1), chunks, 1.0, overlap=overlap)
+    logits[chunks], _ = build_model(config.model, 0).forward(np.ones((1, 16), np.int32))
+  np.testing.assert_array_equal(logits[2], logits[1])
