@@ -99,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
   e.d_shared_expert = 0  # hidden width of each shared expert; 0 means the routed width
   e.shared_expert_gate = False  # scale the shared output by sigmoid(x·w) (Qwen2-MoE)
   e.router = 'softmax'  # softmax | sigmoid (DeepSeek-V3) | expert_choice (experts pick tokens)
+  #                      | top_p (experts by probability until their sum reaches the threshold)
+  e.top_p_threshold = 0.4  # router=top_p: cumulative probability to reach, in (0, 1]; top_k caps
+  #                          the experts a token takes
+  e.dynamic_loss_weight = 0.0  # weight of the router-entropy loss (Huang et al. 2024's dynamic
+  #                              loss: fewer experts per token under top_p)
   e.norm_topk_prob = True  # renormalise the chosen gate weights to sum to 1
   e.routed_scaling_factor = 1.0  # multiplies the routed gate weights (2.5 in DeepSeek-V3)
   e.num_groups = 1  # group-limited routing: experts split into this many equal groups

@@ -15,7 +15,7 @@ ENUMS = {
     'model.fp8': ('none', 'tensorwise', 'blockwise'),
     'model.rope_scaling.type': ('none', 'yarn', 'llama3'),
     'init.upcycle': ('copy', 'drop', 'granular'),
-    'model.moe.router': ('softmax', 'sigmoid', 'expert_choice'),
+    'model.moe.router': ('softmax', 'sigmoid', 'expert_choice', 'top_p'),
     'model.moe.aux_loss': ('local', 'global', 'sequence', 'none'),
     'model.moe.drop_policy': ('position', 'priority'),
     'model.moe.dispatch': ('auto', 'capacity', 'einsum'),
@@ -42,6 +42,7 @@ NON_NEGATIVE = (
     'model.moe.first_dense_layers', 'model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
     'model.moe.num_shared_experts', 'model.moe.d_shared_expert', 'model.moe.bias_update_rate',
     'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
+    'model.moe.dynamic_loss_weight',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
@@ -272,6 +273,16 @@ def _validate_moe(e, m, t):
   if e.bias_update_rate and e.num_null_experts:
     raise ConfigError('model.moe.bias_update_rate balances real experts only; it cannot be '
                       f'combined with model.moe.num_null_experts={e.num_null_experts}')
+  if not 0 < e.top_p_threshold <= 1:
+    raise ConfigError(f'model.moe.top_p_threshold={e.top_p_threshold} must be in (0, 1]')
+  if e.router == 'top_p':
+    # Top-p chooses by probability alone; slots past the threshold are its null experts.
+    for field in ('num_null_experts', 'bias_update_rate'):
+      if e[field]:
+        raise ConfigError(f'model.moe.{field}={e[field]} does not apply to '
+                          'model.moe.router=top_p')
+    if e.num_groups > 1:
+      raise ConfigError('model.moe.num_groups > 1 does not apply to model.moe.router=top_p')
   if e.router == 'expert_choice':
     for field in ('num_null_experts', 'bias_update_rate'):
       if e[field]:

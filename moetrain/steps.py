@@ -15,13 +15,14 @@ from moetrain.parallel.mesh import stages
 from moetrain.state import Setup
 
 
-def objective(ce, aux_loss, z_loss, mtp_loss, model_config):
-  """The training objective: cross-entropy plus the weighted router losses and the weighted
+def objective(ce, aux_loss, z_loss, entropy, mtp_loss, model_config):
+  """The training objective: cross-entropy plus the weighted router losses (balance, z, and
+  the router entropy: the dynamic loss of top-p routing) and the weighted
   multi-token-prediction loss (the mean of its depths' cross-entropies). The one place they
   are combined, for a whole batch and for a microbatch's share of one."""
   moe = model_config.moe
   return (ce + moe.aux_loss_weight * aux_loss + moe.z_loss_weight * z_loss
-          + model_config.mtp_loss_weight * mtp_loss)
+          + moe.dynamic_loss_weight * entropy + model_config.mtp_loss_weight * mtp_loss)
 
 
 def mtp_targets(targets_BxL, depths: int):
@@ -82,7 +83,8 @@ def step_metrics(ce_sum, targets, stats, model_config, mtp_ce_D=None,
   if mtp_ce_D is not None and mtp_ce_D.size:
     per_depth = mtp_ce_D / jnp.maximum(mtp_targets_D, 1.0)
     mtp = {'mtp_loss': per_depth.mean(), 'mtp_loss_per_depth': per_depth}
-  total = objective(ce, aux, z, mtp.get('mtp_loss', 0.0), model_config)
+  total = objective(ce, aux, z, per_layer['router_entropy'].sum(), mtp.get('mtp_loss', 0.0),
+                    model_config)
   return {'loss': ce, 'total_loss': total, 'aux_loss': aux, 'z_loss': z, **mtp, **per_layer,
           'tokens': targets}
 
@@ -125,7 +127,8 @@ def gradients(setup: Setup, params, buffers, batch, rng):
         document_mask=setup.config.train.document_mask, mtp_depths=depths)
     mtp_loss = (mtp_ce_D / jnp.maximum(mtp_targets_D, 1.0)).mean() if depths else 0.0
     loss = objective(ce_sum / targets, stats.aux_loss.sum() * aux_share,
-                     stats.z_sum.sum() / routed, mtp_loss, model_config)
+                     stats.z_sum.sum() / routed, stats.entropy_sum.sum() / routed, mtp_loss,
+                     model_config)
     return loss, (ce_sum, microbatch_targets, stats, mtp_ce_D)
 
   if stages(setup.mesh) > 1:

@@ -36,6 +36,9 @@ ROUTERS = {
                                    '--config.model.moe.norm_topk_prob=false',
                                    '--config.model.moe.capacity_factor=0',
                                    '--config.model.moe.aux_loss=global'],
+    'top_p_dynamic': ['--config.model.moe.router=top_p', '--config.model.moe.top_k=4',
+                      '--config.model.moe.top_p_threshold=0.4',
+                      '--config.model.moe.dynamic_loss_weight=1e-4'],
 }
 
 
@@ -61,6 +64,8 @@ def test_each_router_trains(router):
     assert 'router_bias' not in str(jax.tree_util.tree_structure(state['params']))
   if router == 'null_experts':
     assert 0 < float(np.mean(metrics['experts_per_token'])) <= 3
+  if router == 'top_p_dynamic':  # a token takes 1 to 4 experts; the mean lies between
+    assert 1 < float(np.mean(metrics['experts_per_token'])) < 4, metrics['experts_per_token']
 
 
 def test_multi_token_prediction_trains_the_tiny_deepseek_v3_on_an_expert_mesh():

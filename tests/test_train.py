@@ -145,14 +145,22 @@ def test_negative_capacity_factor(tmp_path):
       '--config.train.microbatches=2'], ['model.mtp_layers=1', 'mesh.stage=2']),
     (['--config.model.moe.exchange_overlap=block', '--config.model.moe.aux_loss=global'],
      ['model.moe.exchange_overlap=block', 'model.moe.aux_loss=global']),
+    (['--config.model.moe.router=top_p', '--config.model.moe.top_p_threshold=0'],
+     ['model.moe.top_p_threshold=0', '(0, 1]']),
+    (['--config.model.moe.router=top_p', '--config.model.moe.top_p_threshold=1.5'],
+     ['model.moe.top_p_threshold=1.5', '(0, 1]']),
+    (['--config.model.moe.router=top_p', '--config.model.moe.top_k=9'],
+     ['model.moe.top_k=9', 'model.moe.num_experts=8']),
+    (['--config.model.moe.router=top_p', '--config.model.moe.bias_update_rate=0.001'],
+     ['model.moe.bias_update_rate=0.001', 'model.moe.router=top_p']),
     (['--config.model.moe.exchange_overlap=layer'],
      ["model.moe.exchange_overlap='layer'", 'experts, block']),
 ])
 def test_refusals_name_the_fields(tmp_path, capsys, flags, fields):
   """Dropless is capacity_factor=0 and nothing else: every other way of saying it, or a
   contradiction, is one line naming the fields, status 2, nothing written. So is a negative
-  multi-token-prediction depth, or one with pipeline stages, and chunks of the whole block
-  with a balance loss pooled over the batch."""
+  multi-token-prediction depth, or one with pipeline stages, chunks of the whole block with a
+  balance loss pooled over the batch, and a top-p threshold or cap out of range."""
   workdir = tmp_path / 'w'
   assert train.main(['--config', 'configs/tiny.py', '--workdir', str(workdir), *flags]) == 2
   lines = capsys.readouterr().err.strip().splitlines()

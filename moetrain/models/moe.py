@@ -104,15 +104,21 @@ class MoE(nnx.Module):
                                           tokens_GxExC=tokens_GxExC, gates_GxExC=gates_GxExC,
                                           mask_GxT=mask_GxT)
     else:
-      experts_GxTxK = sharding.on_local_groups(
-          self.mesh, lambda s: routing.select_experts(s, moe.top_k, bias_E=bias_E,
-                                                      num_groups=moe.num_groups,
-                                                      topk_groups=moe.topk_groups),
-          scores_GxTxR)
-      gates_GxTxK = routing.gate_weights(scores_GxTxR, experts_GxTxK,
-                                         normalize=moe.norm_topk_prob,
-                                         scaling=moe.routed_scaling_factor,
-                                         num_null_experts=moe.num_null_experts)
+      if moe.router == 'top_p':
+        experts_GxTxK, gates_GxTxK = sharding.on_local_groups(
+            self.mesh, lambda p: routing.top_p(p, moe.top_p_threshold, moe.top_k,
+                                               normalize=moe.norm_topk_prob), probs_GxTxR)
+        gates_GxTxK = gates_GxTxK * moe.routed_scaling_factor
+      else:
+        experts_GxTxK = sharding.on_local_groups(
+            self.mesh, lambda s: routing.select_experts(s, moe.top_k, bias_E=bias_E,
+                                                        num_groups=moe.num_groups,
+                                                        topk_groups=moe.topk_groups),
+            scores_GxTxR)
+        gates_GxTxK = routing.gate_weights(scores_GxTxR, experts_GxTxK,
+                                           normalize=moe.norm_topk_prob,
+                                           scaling=moe.routed_scaling_factor,
+                                           num_null_experts=moe.num_null_experts)
       priority_GxT = (jnp.max(probs_GxTxR, axis=-1) if moe.drop_policy == 'priority'
                       else None)
       capacity = (None if capacity_factor == 0 else

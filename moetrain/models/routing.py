@@ -68,6 +68,26 @@ def select_experts(scores_GxTxE: jax.Array, k: int, *, bias_E: jax.Array | None 
   return experts_GxTxK.astype(jnp.int32)
 
 
+def top_p(probs_GxTxE: jax.Array, threshold: float, k: int, *,
+          normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Dynamic routing (Huang et al. 2024): each token takes experts in descending probability
+  until their cumulative probability reaches `threshold`, at most `k` of them (static shapes):
+  -> (experts [G, T, K] i32, best first, a slot past the threshold holding E, a null expert;
+  gates [G, T, K] f32: the chosen probabilities, 0 on null slots, renormalised over the chosen
+  ones when `normalize`). The first expert is always taken; lax.top_k breaks ties by index.
+  """
+  num_experts = probs_GxTxE.shape[-1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f'top_k={k} must be in [1, num_experts={num_experts}]')
+  best_GxTxK, experts_GxTxK = jax.lax.top_k(probs_GxTxE.astype(jnp.float32), k)
+  before_GxTxK = jnp.cumsum(best_GxTxK, axis=-1) - best_GxTxK
+  taken_GxTxK = before_GxTxK < threshold
+  gates_GxTxK = jnp.where(taken_GxTxK, best_GxTxK, 0.0)
+  if normalize:
+    gates_GxTxK = gates_GxTxK / jnp.sum(gates_GxTxK, axis=-1, keepdims=True)
+  return jnp.where(taken_GxTxK, experts_GxTxK, num_experts).astype(jnp.int32), gates_GxTxK
+
+
 def gate_weights(scores_GxTxE: jax.Array, experts_GxTxK: jax.Array, *, normalize: bool,
                  scaling: float = 1.0, num_null_experts: int = 0) -> jax.Array:
   """Raw scores of the chosen experts, renormalised if asked, times scaling: -> [G, T, K] f32.

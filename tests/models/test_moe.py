@@ -191,3 +191,29 @@ def test_expert_choice_block_matches_the_loop_reference():
                                        block.w_down[...])
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(stats['expert_fraction'].sum()), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('threshold, loop_k', [(1.0, 4), (1e-6, 1)])
+def test_top_p_at_its_limits_equals_the_per_token_loop(threshold, loop_k):
+  """router=top_p with the cap at E: p = 1 takes every expert (softmax top-E), a tiny p the
+  most probable one only (top-1); dropless, values and gradients. The balance loss counts the
+  cap's k·T slots, so at top-1 it is the loop's over E."""
+  config = moe_config(router='top_p', top_p_threshold=threshold, top_k=4, norm_topk_prob=False)
+  loop_config = moe_config(top_k=loop_k, norm_topk_prob=False)
+  block, x, mask = block_and_input(config, seed=5, batch=2, length=4)
+  graphdef, params = nnx.split(block)
+
+  def losses(params, x, forward):
+    y, stats = forward(nnx.merge(graphdef, params), x)
+    return jnp.sum(jnp.sin(y)) + stats['z_loss'], (y, stats['aux_loss'])
+
+  top_p = lambda model, x: run(model, x, mask, 0.0)
+  loop = lambda model, x: reference(model, x, mask, loop_config, x.shape[1])  # no drops
+  grads, (y, aux) = jax.grad(losses, argnums=(0, 1), has_aux=True)(params, x, top_p)
+  ref_grads, (ref_y, ref_aux) = jax.grad(losses, argnums=(0, 1), has_aux=True)(params, x, loop)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux * 4 / loop_k, ref_aux, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, ref_grads)
+  experts = run(block, x, mask, 0.0)[1]['experts_per_token']
+  assert float(experts) == loop_k

@@ -452,3 +452,20 @@ def test_chunks_balance_loss_merges_to_the_whole_batchs(mode):
   np.testing.assert_allclose(merged.aux_loss, loss(slice(None)), rtol=1e-6)
   unweighted = (stats[0].aux_loss + stats[1].aux_loss) / 2
   assert abs(float(unweighted) - float(loss(slice(None)))) > 1e-4  # the weights matter
+
+
+@pytest.mark.parametrize('threshold, k, experts, gates', [
+    # Cumulative probability before each of the best: 0, 0.5, 0.8, 0.95.
+    (0.7, 4, [0, 1, 4, 4], [0.5, 0.3, 0.0, 0.0]),  # 0.5 < 0.7, then 0.8 reaches it
+    (0.5, 4, [0, 4, 4, 4], [0.5, 0.0, 0.0, 0.0]),  # the first alone reaches 0.5
+    (1.0, 4, [0, 1, 2, 3], [0.5, 0.3, 0.15, 0.05]),
+    (0.99, 2, [0, 1], [0.5, 0.3]),  # the cap
+])
+def test_top_p_takes_experts_until_their_probability_reaches_the_threshold(threshold, k,
+                                                                           experts, gates):
+  probs = f32([[[0.5, 0.3, 0.15, 0.05]]])
+  chosen, weights = routing.top_p(probs, threshold, k)
+  assert chosen.tolist() == [[experts]]
+  np.testing.assert_allclose(weights[0, 0], gates, rtol=1e-6)
+  _, normalized = routing.top_p(probs, threshold, k, normalize=True)
+  np.testing.assert_allclose(normalized[0, 0], np.array(gates) / sum(gates), rtol=1e-6)

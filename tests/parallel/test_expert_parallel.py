@@ -37,6 +37,8 @@ ROUTERS = {
         '--config.model.moe.drop_policy=priority', '--config.model.moe.aux_loss=sequence'],
     'null_experts_einsum': ['--config.model.moe.num_null_experts=4',
                             '--config.model.moe.top_k=3', '--config.model.moe.dispatch=einsum'],
+    'top_p_dynamic': ['--config.model.moe.router=top_p', '--config.model.moe.top_k=4',
+                      '--config.model.moe.dynamic_loss_weight=0.01'],
 }
 
 
