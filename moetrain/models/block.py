@@ -41,15 +41,16 @@ class Block(nnx.Module):
     if chunks == 1:
       return self._rows(x_BxLxD, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
                         rng)
+    moe, length = self.ffn.moe, x_BxLxD.shape[1]
     outputs, units = [], []
     for chunk in range(chunks):
       rows = [None if a is None else sharding.local_chunk(a, chunk, chunks, self.mesh)
               for a in (x_BxLxD, positions_BxL, segments_BxL, mask_BxL)]
       chunk_rng = None if rng is None else jax.random.fold_in(rng, chunk)
       outputs.append(self._rows(*rows, capacity_factor, train, chunk_rng))
-      moe = self.ffn.moe
-      units.append(routing.balance_units(rows[3].reshape(-1, moe.group_size * rows[3].shape[1]),
-                                         mode=moe.aux_loss, seq_len=rows[3].shape[1]))
+      # Each chunk's balance loss counts by its units, so that the merged one is the block's.
+      units.append(routing.balance_units(rows[3].reshape(-1, moe.group_size * length),
+                                         mode=moe.aux_loss, seq_len=length))
     y_BxLxD = sharding.join_local_chunks([y for y, _ in outputs], self.mesh)
     return (sharding.constrain(y_BxLxD, self.mesh, 'batch', None, None),
             routing_stats.merge_chunks([stats for _, stats in outputs], units))
