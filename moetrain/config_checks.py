@@ -275,22 +275,15 @@ def _validate_moe(e, m, t):
                       f'combined with model.moe.num_null_experts={e.num_null_experts}')
   if not 0 < e.top_p_threshold <= 1:
     raise ConfigError(f'model.moe.top_p_threshold={e.top_p_threshold} must be in (0, 1]')
-  if e.router == 'top_p':
-    # Top-p chooses by probability alone; slots past the threshold are its null experts.
+  if e.router in ('top_p', 'expert_choice'):
+    # Both choose by probability alone (top-p's slots past the threshold are its null experts).
     for field in ('num_null_experts', 'bias_update_rate'):
       if e[field]:
         raise ConfigError(f'model.moe.{field}={e[field]} does not apply to '
-                          'model.moe.router=top_p')
+                          f'model.moe.router={e.router}')
     if e.num_groups > 1:
-      raise ConfigError('model.moe.num_groups > 1 does not apply to model.moe.router=top_p')
+      raise ConfigError(f'model.moe.num_groups > 1 does not apply to model.moe.router={e.router}')
   if e.router == 'expert_choice':
-    for field in ('num_null_experts', 'bias_update_rate'):
-      if e[field]:
-        raise ConfigError(f'model.moe.{field}={e[field]} does not apply to '
-                          'model.moe.router=expert_choice')
-    if e.num_groups > 1:
-      raise ConfigError('model.moe.num_groups > 1 does not apply to '
-                        'model.moe.router=expert_choice')
     if e.capacity_factor == 0:
       raise ConfigError('model.moe.capacity_factor=0 (dropless) does not apply to '
                         'model.moe.router=expert_choice (each expert takes its capacity)')
