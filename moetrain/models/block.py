@@ -48,8 +48,9 @@ class Block(nnx.Module):
               for a in (x_BxLxD, positions_BxL, segments_BxL, mask_BxL)]
       chunk_rng = None if rng is None else jax.random.fold_in(rng, chunk)
       outputs.append(self._rows(*rows, capacity_factor, train, chunk_rng))
+      chunk_mask_BxL = rows[-1]
       # Each chunk's balance loss counts by its units, so that the merged one is the block's.
-      units.append(routing.balance_units(rows[3].reshape(-1, moe.group_size * length),
+      units.append(routing.balance_units(chunk_mask_BxL.reshape(-1, moe.group_size * length),
                                          mode=moe.aux_loss, seq_len=length))
     y_BxLxD = sharding.join_local_chunks([y for y, _ in outputs], self.mesh)
     return (sharding.constrain(y_BxLxD, self.mesh, 'batch', None, None),
