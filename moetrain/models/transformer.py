@@ -16,8 +16,11 @@ from moetrain.parallel import mesh as mesh_lib, sharding, stages
 
 def init_cache(model, batch: int, length: int) -> None:
   """Gives every attention layer of `model` an empty key/value cache of `length` positions
-  (stacked like the layers' weights when they are scanned), for decoding token by token."""
-  for _, module in nnx.iter_graph(model):
+  (stacked like the layers' weights when they are scanned), for decoding token by token. The
+  multi-token-prediction modules get none: decoding never runs them."""
+  for path, module in nnx.iter_graph(model):
+    if path[:1] == ('mtp',):
+      continue
     if isinstance(module, (Attention, LatentAttention)):
       stacked = module.wo.shape[:-3]
       dtype = module.wo.dtype

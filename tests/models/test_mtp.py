@@ -8,7 +8,7 @@ from flax import nnx
 
 from moetrain import config as config_lib
 from moetrain.models import layout
-from moetrain.models.transformer import Transformer
+from moetrain.models.transformer import Transformer, init_cache
 from moetrain.steps import loss_and_metrics
 
 SMALL = ['--config.model.vocab_size=64', '--config.model.max_seq_len=32',
@@ -81,3 +81,7 @@ def test_the_main_model_is_the_same_with_and_without_prediction_modules():
   assert sorted(got) == sorted(expected)
   for name in expected:
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  # Decoding never runs the modules, so they get no key/value cache.
+  init_cache(with_mtp, 1, 8)
+  cached = {path[0] for path, _ in nnx.iter_graph(with_mtp) if path and path[-1] == 'cache_k'}
+  assert cached == {'blocks'}
