@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     'ml-collections==1.1.0',
     'absl-py==2.5.1',
     'numpy==2.4.6',
+    'scipy==1.17.1',  # expert clustering (tools/compress_experts.py); also a jax dependency
     'tqdm==4.70.1',
     'tensorboardX==2.6.5',
     'protobuf==7.36.2',

@@ -66,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention_bias = False  # biases on the query, key and value projections (Qwen2)
   m.qk_norm = 'none'  # RMSNorm of queries and keys before RoPE: none | per_head (Qwen3)
   #                     | full (OLMoE: over the whole projection)
+  # Attention experts (BAM, Zhang et al. 2024; docs/upcycle.md): A attentions of num_heads
+  # heads each, all computed and mixed per token by a softmax router that starts uniform.
+  m.attention_experts = 0  # A; 0: one plain attention. Upcycling takes expert m from model m
+  m.attention_experts_share_kv = False  # one key/value projection shared by the A experts
   m.q_lora_rank = 0  # mla: rank of the query down-projection; 0 projects queries at full rank
   m.kv_lora_rank = 512  # mla: width of the compressed key/value latent
   m.qk_nope_head_dim = 128  # mla: per-head query/key width without rotary embedding
@@ -111,6 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.bias_update_rate = 0.0  # auxiliary-loss-free balancing bias step; 0 disables the bias
   e.jitter = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training (Switch)
   e.num_null_experts = 0  # zero-compute experts a token may choose (AdaMoE)
+  e.router_outputs = 0  # merged experts (MC-SMoE): R >= num_experts router outputs, output r
+  #                       computed by expert map[r] (a per-layer buffer); 0: one per expert
+  e.skip_ratio = 0.0  # dynamic skipping outside training (Lu et al. 2024): later choices with a
+  #                     gate below this × the first gate are not computed; 0: off, < 1
   e.aux_loss = 'local'  # load-balance statistics over: local | global | sequence | none
   e.aux_loss_weight = 0.01  # weight of the load-balancing loss
   e.z_loss_weight = 1e-3  # weight of the ST-MoE router z-loss

@@ -42,13 +42,13 @@ NON_NEGATIVE = (
     'model.moe.first_dense_layers', 'model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
     'model.moe.num_shared_experts', 'model.moe.d_shared_expert', 'model.moe.bias_update_rate',
     'model.moe.jitter', 'model.moe.num_null_experts', 'model.moe.routed_scaling_factor',
-    'model.moe.dynamic_loss_weight',
+    'model.moe.dynamic_loss_weight', 'model.attention_experts',
     'train.warmup_steps', 'train.eval_every', 'train.weight_decay', 'train.grad_clip',
     'train.sample_tokens', 'train.learning_rate', 'train.checkpoint_every',
     'train.permanent_every', 'model.q_lora_rank', 'init.noise', 'data.workers',
     'train.profile_steps', 'model.moe.capacity_factor', 'model.moe.eval_capacity_factor',
     'model.moe.exchange_nodes', 'model.moe.exchange_chunks', 'model.mtp_layers',
-    'model.mtp_loss_weight',
+    'model.mtp_loss_weight', 'model.moe.router_outputs', 'model.moe.skip_ratio',
 )
 
 
@@ -104,6 +104,7 @@ def validate(config) -> None:
     raise ConfigError('the head dimension (model.head_dim, or model.d_model // '
                       'model.num_heads) must be even for rotary embeddings')
   _validate_rope_scaling(m.rope_scaling)
+  _validate_attention_experts(config)
   if config.init.from_checkpoint and config.init.upcycle_from:
     raise ConfigError('init.from_checkpoint and init.upcycle_from exclude each other')
   if not 0 <= config.init.drop_ratio <= 1:
@@ -215,6 +216,20 @@ def _either(names):
   return names[0] if len(names) == 1 else f'{", ".join(names[:-1])} or {names[-1]}'
 
 
+def _validate_attention_experts(config):
+  """Checks the attention experts (BAM) against the attention kind and the upcycled models."""
+  m = config.model
+  if m.attention_experts_share_kv and not m.attention_experts:
+    raise ConfigError('model.attention_experts_share_kv=True needs model.attention_experts > 0')
+  if m.attention_experts and m.attention == 'mla':
+    raise ConfigError(f'model.attention_experts={m.attention_experts} is only for '
+                      'model.attention=mha')
+  models = [d for d in config.init.upcycle_from.split(',') if d.strip()]
+  if m.attention_experts and models and m.attention_experts != len(models):
+    raise ConfigError(f'model.attention_experts={m.attention_experts} must equal the '
+                      f'{len(models)} dense models in init.upcycle_from (one expert each)')
+
+
 def _validate_mla(m):
   """Checks the multi-head latent attention sizes."""
   for field in ('kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
@@ -244,7 +259,7 @@ def _validate_rope_scaling(r):
 
 def _validate_moe(e, m, t):
   """Checks the routed-expert fields of a model with num_experts > 0."""
-  choices = e.num_experts + e.num_null_experts
+  choices = max(e.num_experts, e.router_outputs) + e.num_null_experts
   if not 1 <= e.top_k <= choices:
     null = (f' + model.moe.num_null_experts={e.num_null_experts}'
             if e.num_null_experts else '')
@@ -296,3 +311,21 @@ def _validate_moe(e, m, t):
                       'model.moe.dispatch=auto or set a capacity factor')
   if e.jitter >= 1:
     raise ConfigError(f'model.moe.jitter={e.jitter} must be < 1')
+  _validate_compressed(e)
+
+
+def _validate_compressed(e):
+  """Checks the fields of merged experts (router_outputs) and dynamic skipping (skip_ratio)."""
+  if e.skip_ratio >= 1:
+    raise ConfigError(f'model.moe.skip_ratio={e.skip_ratio} must be < 1')
+  if e.skip_ratio and e.router == 'expert_choice':
+    raise ConfigError(f'model.moe.skip_ratio={e.skip_ratio} does not apply to '
+                      'model.moe.router=expert_choice (tokens have no first choice)')
+  if not e.router_outputs:
+    return
+  if e.router_outputs < e.num_experts:
+    raise ConfigError(f'model.moe.router_outputs={e.router_outputs} must be >= '
+                      f'model.moe.num_experts={e.num_experts} (or 0)')
+  if e.router == 'expert_choice' or e.num_null_experts or e.num_groups > 1:
+    raise ConfigError(f'model.moe.router_outputs={e.router_outputs} (merged experts) needs '
+                      'top-k routing without null experts or expert groups')

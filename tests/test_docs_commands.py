@@ -42,6 +42,8 @@ HOW = {
     'tools/inspect_checkpoint.py': 'needs a trained checkpoint: the flags parse',
     'tools/convert_checkpoint.py': 'needs downloaded Hugging Face checkpoints (gigabytes) or '
                                    'trained ones: the flags and any config overrides parse',
+    'tools/compress_experts.py': 'needs a trained checkpoint (tests/test_compress_experts.py '
+                                 'runs it on one): the flags parse',
     'tools/prepare_dataset.py': "reads the reader's own corpus and writes under $HOME: the flags "
                                 'parse',
     'tools/train_tokenizer.py': "trains on the reader's own corpus: the flags, the config and "

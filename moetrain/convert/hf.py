@@ -235,21 +235,68 @@ def hf_to_moetrain(folder, out_dir, *, progress=None, log=None) -> object:
   return config
 
 
+_EXPERT_MAP = '/ffn/expert_map'
+_EXPERT_WEIGHTS = tuple(f'/ffn/{name}' for name in ('w_gate', 'w_up', 'w_down'))
+
+
+def expert_maps(checkpoint_dir, config, buffers) -> dict:
+  """{'blocks/i': router map [R]} of a model with merged experts (none otherwise)."""
+  if not config.model.moe.router_outputs > config.model.moe.num_experts:
+    return {}
+  return {path.split('/ffn/')[0]: array
+          for _, path, array in _layer_arrays(checkpoint_dir, {}, buffers, config)
+          if path.endswith(_EXPERT_MAP)}
+
+
+def _layer_arrays(checkpoint_dir, params, buffers, config):
+  """(kind, flat per-layer name, numpy array) of every stored array, one at a time."""
+  for kind, path, array in checkpoint.weights_one_by_one(checkpoint_dir, params, buffers):
+    for name, layer in layout.to_layers(layout.unflatten({path: array}), config.model).items():
+      yield kind, name, np.asarray(layer)
+
+
+def expanded(config, maps: dict):
+  """Merged experts as the ordinary model of R experts with the same logits (expert r a copy
+  of merged expert map[r]), for formats without a router map: -> (config, a function
+  (name, array) -> array, None for the map itself)."""
+  if not maps:
+    return config, lambda name, array: array
+  config = config.copy_and_resolve_references()
+  config.model.moe.num_experts = config.model.moe.router_outputs
+  config.model.moe.router_outputs = 0
+
+  def expand(name, array):
+    if name.endswith(_EXPERT_MAP):
+      return None
+    layer = name.split('/ffn/')[0]
+    return array[maps[layer]] if name.endswith(_EXPERT_WEIGHTS) and layer in maps else array
+  return config, expand
+
+
 def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
-                   max_shard_bytes: int = 5 * 2**30, progress=None) -> families.Family:
+                   max_shard_bytes: int = 5 * 2**30, progress=None,
+                   log=print) -> families.Family:
   """Writes the newest checkpoint in `checkpoint_dir` as a Hugging Face folder; returns the
-  family used (`family_name`, or the one `families.family_for` picks)."""
+  family used (`family_name`, or the one `families.family_for` picks). Merged experts are
+  written expanded (`expanded`), with one notice through `log`."""
   import jax
   from moetrain.pretrained import abstract_weights
   checkpoint.check_new_directory(out_folder)
-  config = checkpoint.model_config(checkpoint_dir)
+  stored = checkpoint.model_config(checkpoint_dir)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  _, params, buffers = abstract_weights(stored.model, cpu)
+  maps = expert_maps(checkpoint_dir, stored, buffers)
+  config, expand = expanded(stored, maps)
+  if maps:
+    log(f'merged experts: model.moe.router_outputs={stored.model.moe.router_outputs} router '
+        f'outputs share {stored.model.moe.num_experts} experts; Hugging Face has no router map, '
+        f'so each output gets a copy of its expert ({config.model.moe.num_experts} experts, the '
+        'same logits, not smaller)')
   if family_name and family_name not in families.FAMILIES:
     raise ConversionError(f'--family {family_name}: not one of '
                           f'{", ".join(sorted(families.FAMILIES))}')
   family = families.FAMILIES[family_name] if family_name else families.family_for(config)
   hf_config = families.config_to_hf(config, family)
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  _, params, buffers = abstract_weights(config.model, cpu)
   plan = tensor_plan(config, family, interleaved=family.model_type == 'deepseek_v3')
   by_name = {}
   for tensor in plan:
@@ -257,11 +304,10 @@ def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
 
   def tensors():
     # One stored array at a time (a scanned stack holds a parameter of every layer).
-    for kind, path, array in checkpoint.weights_one_by_one(checkpoint_dir, params, buffers):
-      for name, layer in layout.to_layers(layout.unflatten({path: array}), config.model).items():
-        layer = np.asarray(layer)
-        for tensor in by_name[kind, name]:
-          yield tensor.hf_name, to_hf(tensor, layer if tensor.expert is None
-                                      else layer[tensor.expert])
+    for kind, name, layer in _layer_arrays(checkpoint_dir, params, buffers, stored):
+      layer = expand(name, layer)
+      for tensor in by_name[kind, name] if layer is not None else ():
+        yield tensor.hf_name, to_hf(tensor, layer if tensor.expert is None
+                                    else layer[tensor.expert])
   write_checkpoint(out_folder, tensors(), hf_config, max_shard_bytes, progress)
   return family

@@ -31,19 +31,33 @@ class RouterBias(nnx.Variable):
   """Auxiliary-loss-free balancing bias: changes which experts are chosen, gets no gradient."""
 
 
+class ExpertMap(nnx.Variable):
+  """Merged experts: router output r is computed by expert map[r] (int32 [R]); never trained."""
+
+
+def router_outputs(moe) -> int:
+  """R, the router's real outputs: one per expert unless merged experts share some."""
+  return moe.router_outputs or moe.num_experts
+
+
 class MoE(nnx.Module):
   """`num_experts` SwiGLU experts of width `d_expert`, each token sent to its top-k."""
 
   def __init__(self, config, *, rngs: nnx.Rngs, mesh=None):
     moe = config.moe
     d, e, f = config.d_model, moe.num_experts, moe.d_expert or config.d_ff
-    self.router = param(rngs, (d, e + moe.num_null_experts), ('embed', 'router'), config)
+    r = router_outputs(moe)
+    self.router = param(rngs, (d, r + moe.num_null_experts), ('embed', 'router'), config)
     self.w_gate = param(rngs, (e, d, f), sharding.EXPERT_IN_AXES, config)
     self.w_up = param(rngs, (e, d, f), sharding.EXPERT_IN_AXES, config)
     self.w_down = param(rngs, (e, f, d), sharding.EXPERT_OUT_AXES, config)
     if moe.bias_update_rate:
-      self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
+      self.router_bias = RouterBias(jnp.zeros((r,), jnp.float32), out_sharding=(None,),
                                     eager_sharding=False)
+    if r > e:
+      # The compression tool writes the real map; a fresh model shares experts round-robin.
+      self.expert_map = ExpertMap(jnp.arange(r, dtype=jnp.int32) % e, out_sharding=(None,),
+                                  eager_sharding=False)
     if moe.num_shared_experts:
       width = moe.num_shared_experts * (moe.d_shared_expert or f)
       # n shared SwiGLU experts add up to one SwiGLU with their hidden units side by side.
@@ -119,13 +133,20 @@ class MoE(nnx.Module):
                                            normalize=moe.norm_topk_prob,
                                            scaling=moe.routed_scaling_factor,
                                            num_null_experts=moe.num_null_experts)
+      if moe.skip_ratio and not train:
+        experts_GxTxK, gates_GxTxK = routing.skip_small_gates(
+            experts_GxTxK, gates_GxTxK, moe.skip_ratio, skipped=scores_GxTxR.shape[-1])
       priority_GxT = (jnp.max(probs_GxTxR, axis=-1) if moe.drop_policy == 'priority'
                       else None)
+      outputs = router_outputs(moe)
       capacity = (None if capacity_factor == 0 else
                   routing.expert_capacity(tokens, moe.top_k, moe.num_experts, capacity_factor,
-                                          moe.min_capacity))
+                                          moe.min_capacity,
+                                          copies=min(moe.top_k, outputs - moe.num_experts + 1)))
+      physical_GxTxK = (routing.to_physical(experts_GxTxK, self.expert_map[...], moe.num_experts)
+                        if outputs > moe.num_experts else experts_GxTxK)
       y_GxTxD, kept_GxTxK = pipeline.token_choice(
-          x_GxTxD, experts_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts,
+          x_GxTxD, physical_GxTxK, gates_GxTxK, mask_GxT, weights, num_experts=moe.num_experts,
           capacity=capacity, backend=backend, priority_GxT=priority_GxT, exchange=self.exchange,
           chunks=self.chunks, fp8=self.fp8)
       aux_loss = routing.load_balance_loss(probs_GxTxR, experts_GxTxK, mask_GxT,
@@ -133,8 +154,8 @@ class MoE(nnx.Module):
                                            num_null_experts=moe.num_null_experts)
       stats = routing_stats.token_choice(probs_GxTxR=probs_GxTxR, logits_GxTxR=logits_GxTxR,
                                          experts_GxTxK=experts_GxTxK, kept_GxTxK=kept_GxTxK,
-                                         mask_GxT=mask_GxT, num_experts=moe.num_experts,
-                                         aux_loss=aux_loss, bias_E=bias_E)
+                                         gates_GxTxK=gates_GxTxK, mask_GxT=mask_GxT,
+                                         num_experts=outputs, aux_loss=aux_loss, bias_E=bias_E)
     y_BxLxD = y_GxTxD.reshape(b, l, d)
     if moe.num_shared_experts:
       y_BxLxD = y_BxLxD + self._shared(x_BxLxD)

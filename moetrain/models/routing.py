@@ -113,6 +113,25 @@ def top_k_gates(probs_GxTxE: jax.Array, k: int,
   return gate_weights(probs_GxTxE, experts_GxTxK, normalize=norm_topk_prob), experts_GxTxK
 
 
+def skip_small_gates(experts_GxTxK: jax.Array, gates_GxTxK: jax.Array, ratio: float, *,
+                     skipped: int) -> tuple[jax.Array, jax.Array]:
+  """Dynamic skipping (Lu et al. 2024): a token's later choices whose gate is below `ratio` ×
+  its first choice's are not computed: -> (experts [G, T, K], index `skipped` (a null expert)
+  there; gates [G, T, K], 0 there; the others not renormalised)."""
+  later_K = jnp.arange(experts_GxTxK.shape[-1]) > 0
+  skip_GxTxK = later_K & (gates_GxTxK < ratio * gates_GxTxK[..., :1])
+  return (jnp.where(skip_GxTxK, skipped, experts_GxTxK).astype(jnp.int32),
+          jnp.where(skip_GxTxK, 0.0, gates_GxTxK))
+
+
+def to_physical(experts_GxTxK: jax.Array, map_R: jax.Array, num_experts: int) -> jax.Array:
+  """Router outputs → the experts that compute them (merged experts, `map_R`); an index >= R
+  (a skipped choice) becomes E, which no expert computes: [G, T, K] → [G, T, K] i32."""
+  outputs = map_R.shape[0]
+  mapped_GxTxK = jnp.take(map_R, jnp.minimum(experts_GxTxK, outputs - 1))
+  return jnp.where(experts_GxTxK < outputs, mapped_GxTxK, num_experts).astype(jnp.int32)
+
+
 def real_expert_count(experts_GxTxK: jax.Array, num_experts: int) -> jax.Array:
   """Chosen experts per token that are real (index < E), not null: -> [G, T] i32."""
   return jnp.sum(experts_GxTxK < num_experts, axis=-1, dtype=jnp.int32)
@@ -145,14 +164,18 @@ def expert_choice(probs_GxTxE: jax.Array, capacity: int,
 
 
 def expert_capacity(tokens_per_group: int, top_k: int, num_experts: int,
-                    capacity_factor: float, min_capacity: int) -> int:
-  """Slots per expert per group: ceil(cf * T * k / E), >= min_capacity, <= T; cf <= 0: T."""
+                    capacity_factor: float, min_capacity: int, *, copies: int = 1) -> int:
+  """Slots per expert per group: ceil(cf * T * k / E), >= min_capacity, <= copies * T (the
+  most assignments one expert can get: `copies` > 1 when merged experts share it); cf <= 0: T
+  * copies."""
+  most = tokens_per_group * copies
   if capacity_factor <= 0:
-    return tokens_per_group
+    return most
   # Rounding first keeps e.g. 1.1 * 20 / 2 = 11.000000000000002 from becoming 12.
   capacity = math.ceil(round(capacity_factor * tokens_per_group * top_k / num_experts, 6))
-  # A token picks an expert at most once, so an expert never holds more than T tokens of a group.
-  return min(max(capacity, min_capacity), tokens_per_group)
+  # A token picks a router output at most once, so an expert never holds more than T tokens of a
+  # group per router output it computes.
+  return min(max(capacity, min_capacity), most)
 
 
 def _assignment_counts(experts_GxTxK: jax.Array, mask_GxT: jax.Array,

@@ -31,6 +31,7 @@ def _field(reduce: str):
 class RoutingStats:
   """One MoE layer's routing over a batch; arrays gain leading axes when stacked."""
   assignments_E: jax.Array = _field('sum')  # real tokens' choices of each real expert
+  gate_mass_E: jax.Array = _field('sum')  # gate weights each real expert got from real tokens
   dropped: jax.Array = _field('sum')  # choices that got no expert output (over capacity)
   droppable: jax.Array = _field('sum')  # choices that could be dropped (denominator)
   real_experts: jax.Array = _field('sum')  # real experts computed for real tokens
@@ -102,13 +103,17 @@ def layer_metrics(stats: RoutingStats) -> dict[str, jax.Array]:
   }
 
 
-def token_choice(*, probs_GxTxR, logits_GxTxR, experts_GxTxK, kept_GxTxK, mask_GxT,
-                 num_experts: int, aux_loss, bias_E) -> RoutingStats:
-  """Stats of top-k routing: choices before dropping, and those the capacity dropped."""
+def token_choice(*, probs_GxTxR, logits_GxTxR, experts_GxTxK, gates_GxTxK, kept_GxTxK,
+                 mask_GxT, num_experts: int, aux_loss, bias_E) -> RoutingStats:
+  """Stats of top-k routing: choices before dropping, and those the capacity dropped.
+  `num_experts` counts the router's real outputs (merged experts: R)."""
   mask_GxT = mask_GxT.astype(jnp.float32)
   dropped, real = drop_counts(experts_GxTxK, kept_GxTxK, mask_GxT, num_experts)
+  onehot_GxTxKxE = jax.nn.one_hot(experts_GxTxK, num_experts, dtype=jnp.float32)
   return RoutingStats(
       assignments_E=routing.expert_load(experts_GxTxK, mask_GxT, num_experts),
+      gate_mass_E=jnp.einsum('gtke,gtk,gt->e', onehot_GxTxKxE,
+                             gates_GxTxK.astype(jnp.float32), mask_GxT),
       dropped=dropped, droppable=real, real_experts=real,
       **_router_sums(probs_GxTxR, logits_GxTxR, mask_GxT),
       aux_loss=aux_loss, router_bias_E=_bias(bias_E, num_experts))
@@ -136,6 +141,7 @@ def expert_choice(*, probs_GxTxR, logits_GxTxR, tokens_GxExC, gates_GxExC,
           chosen_GxExC.reshape(groups, -1))[:, :tokens]
   return RoutingStats(
       assignments_E=jnp.sum(chosen_GxExC, axis=(0, 2)),
+      gate_mass_E=jnp.sum(gates_GxExC.astype(jnp.float32), axis=(0, 2)),
       dropped=jnp.sum((picks_GxT == 0) * mask_GxT), droppable=jnp.sum(mask_GxT),
       real_experts=jnp.sum(picks_GxT * mask_GxT),
       **_router_sums(probs_GxTxR, logits_GxTxR, mask_GxT),

@@ -32,8 +32,8 @@ def moe_ffn(x, router_w, w_gate, w_up, w_down, *, top_k, norm_topk_prob, capacit
   y, kept = token_choice_ffn(x, experts, gates, mask_GxT, w_gate, w_up, w_down,
                              capacity=capacity, backend=backend)
   stats = routing_stats.token_choice(
-      probs_GxTxR=probs, logits_GxTxR=logits, experts_GxTxK=experts, kept_GxTxK=kept,
-      mask_GxT=mask_GxT, num_experts=router_w.shape[-1],
+      probs_GxTxR=probs, logits_GxTxR=logits, experts_GxTxK=experts, gates_GxTxK=gates,
+      kept_GxTxK=kept, mask_GxT=mask_GxT, num_experts=router_w.shape[-1],
       aux_loss=routing.load_balance_loss(probs, experts, mask_GxT), bias_E=None)
   metrics = routing_stats.layer_metrics(stats)
   return y, {'aux_loss': stats.aux_loss, 'z_loss': metrics['z_loss_per_layer'],

@@ -217,3 +217,65 @@ def test_top_p_at_its_limits_equals_the_per_token_loop(threshold, loop_k):
                grads, ref_grads)
   experts = run(block, x, mask, 0.0)[1]['experts_per_token']
   assert float(experts) == loop_k
+
+
+def _softmax_top_k(block, x, k):
+  """The block's softmax top-k choices and renormalised gates, computed here: [B, L, K] each."""
+  probs = jax.nn.softmax(jnp.einsum('btd,de->bte', x, block.router[...]), axis=-1)
+  gates, experts = jax.lax.top_k(probs, k)
+  return np.asarray(experts), gates / gates.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize('dispatch, capacity_factor', [
+    ('capacity', 0.0),  # dropless: every assignment, two rows of one expert for a token
+    ('capacity', 1.5),  # capacity buffers that overflow, duplicates each taking a slot
+    ('einsum', 1.5),
+])
+def test_merged_experts_follow_the_router_map_like_the_loop(dispatch, capacity_factor):
+  config = moe_config(num_experts=3, router_outputs=5, dispatch=dispatch)
+  block, x, mask = block_and_input(config, seed=21)
+  block.expert_map[...] = jnp.array([0, 1, 2, 1, 0], jnp.int32)
+  # Outputs 1 and 3 (both expert 1) get equal, favoured scores: most tokens choose both.
+  column = block.router[...][:, 1].at[0].set(2.0)
+  block.router[...] = block.router[...].at[:, 1].set(column).at[:, 3].set(column)
+  y, metrics = run(block, x, mask, capacity_factor)
+  experts, gates = _softmax_top_k(block, x, 2)
+  physical = np.asarray(block.expert_map[...])[experts]
+  assert np.any(physical[..., 0] == physical[..., 1])  # the case the map exists for
+  capacity = (2 * x.shape[1] if capacity_factor == 0 else
+              routing.expert_capacity(x.shape[1], 2, 3, capacity_factor, 1, copies=2))
+  y_ref, info = token_choice_loop_reference(x, mask.astype(jnp.float32), jnp.asarray(physical),
+                                            gates, block.w_gate[...], block.w_up[...],
+                                            block.w_down[...], capacity=capacity)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  assert (info['dropped_fraction'] > 0) == (capacity_factor > 0)
+  # Statistics stay per router output: 5 columns.
+  assert metrics['expert_fraction'].shape == (5,)
+
+
+def test_skip_ratio_skips_small_later_gates_outside_training_only():
+  plain = moe_config(num_experts=4)
+  skipping = moe_config(num_experts=4, skip_ratio=0.6)
+  block, x, mask = block_and_input(plain, seed=23)
+  skip_block, _, _ = block_and_input(skipping, seed=23)
+  for b in (block, skip_block):  # a sharper router: gates far from equal
+    b.router[...] = 20.0 * b.router[...]
+  experts, gates = _softmax_top_k(block, x, 2)
+  skipped = np.asarray(gates[..., 1] < 0.6 * gates[..., 0])
+  assert skipped.any() and not skipped.all()
+  for cf in (0.0, 2.0):
+    y_plain, _ = run(block, x, mask, cf)
+    y_skip, metrics = run(skip_block, x, mask, cf)
+    y_ref, _ = token_choice_loop_reference(
+        x, mask.astype(jnp.float32), jnp.asarray(np.where(skipped[..., None] & (
+            np.arange(2) == 1), 4, experts)), jnp.where(skipped[..., None] & (
+                np.arange(2) == 1), 0.0, gates),
+        block.w_gate[...], block.w_up[...], block.w_down[...], capacity=2 * x.shape[1])
+    np.testing.assert_allclose(y_skip, y_ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y_skip, y_plain, atol=1e-4)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(metrics['experts_per_token'],
+                               2 - skipped[real].mean(), rtol=1e-6)
+  # Training computes every choice: the ratio changes nothing there.
+  np.testing.assert_array_equal(run(skip_block, x, mask, 2.0, train=True)[0],
+                                run(block, x, mask, 2.0, train=True)[0])
