@@ -74,7 +74,12 @@ def attention_width(model_config) -> int:
   m = model_config
   if m.attention == 'mla':
     return m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
-  return 2 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  return 2 * query_heads(m) * (m.head_dim or m.d_model // m.num_heads)
+
+
+def query_heads(model_config) -> int:
+  """Query heads of one block's attention: every attention expert computes all of its own."""
+  return max(model_config.attention_experts, 1) * model_config.num_heads
 
 
 def _bytes_per_device(tree, shardings) -> float:
@@ -92,7 +97,7 @@ def layer_token_bytes(config, heads_shards: int = 1) -> float:
   m, t = config.model, config.train
   remat = t.remat
   width = np.dtype(m.dtype).itemsize
-  scores = m.num_heads / heads_shards * t.seq_len * 4 if remat == 'none' else 0
+  scores = query_heads(m) / heads_shards * t.seq_len * 4 if remat == 'none' else 0
   return _ACTIVATION_FACTOR[remat] * m.d_model * width + scores
 
 

@@ -14,6 +14,11 @@ import numpy as np
 from moetrain.models.plan import is_moe_layer
 
 MLP_NAMES = ('w_gate', 'w_up', 'w_down')
+# Attention experts: the axis of each projection along which the experts' heads are stacked
+# (wq [D, A·N, H], wo [A·N, H, D], ...); every other attention param (qk-norm scales) is
+# stacked on a new leading expert axis. KV_NAMES are one set, the models' mean, when shared.
+HEAD_AXIS = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 0, 'q_bias': 0, 'k_bias': 0, 'v_bias': 0}
+KV_NAMES = ('wk', 'wv', 'k_bias', 'v_bias', 'k_norm/scale')
 
 
 def _shape_error(name, got, want):
@@ -30,6 +35,18 @@ def average(name: str, arrays: list, target) -> jax.Array:
     return jnp.asarray(arrays[0]).astype(target.dtype)
   stacked = jnp.stack([jnp.asarray(a, jnp.float32) for a in arrays])
   return jnp.mean(stacked, axis=0).astype(target.dtype)
+
+
+def attention_expert_param(name: str, arrays: list, target, share_kv: bool) -> jax.Array:
+  """An attention-experts param from the M dense models' one: expert m is model m (its heads
+  at [m·N, (m+1)·N) of the head axis, or its norm scale [m]); shared K/V the models' mean."""
+  key = name.split('/attention/', 1)[1]
+  if share_kv and key in KV_NAMES:
+    return average(name, arrays, target)
+  arrays = [jnp.asarray(a, jnp.float32) for a in arrays]
+  if key in HEAD_AXIS:
+    return jnp.concatenate(arrays, axis=HEAD_AXIS[key]).astype(target.dtype)
+  return jnp.stack(arrays).astype(target.dtype)
 
 
 def dense_mlps(dense_models: list, layer: int) -> dict:
@@ -201,7 +218,9 @@ def upcycle(dense_models: list, target_params: dict, model_config, init_config, 
   """Flat params of the MoE `model_config` from M dense models' flat params.
 
   Non-FFN params (embeddings, norms, attention) and the MLPs of the target's dense layers are
-  copied, or with several models averaged elementwise (Branch-Train-MiX). MoE layers follow
+  copied, or with several models averaged elementwise (Branch-Train-MiX); with
+  `model.attention_experts` each model's attention becomes one expert instead (BAM, see
+  `attention_expert_param`), its router at zeros: the uniform mixture. MoE layers follow
   `init_config.upcycle` (copy | drop | granular, see `moe_layer`); routers come from
   `target_params` (fresh). Raises ValueError naming the parameter on any mismatch.
   """
@@ -212,13 +231,22 @@ def upcycle(dense_models: list, target_params: dict, model_config, init_config, 
   for name in sorted(set().union(*dense_models) - set(target_params)):
     if not ffn(name):
       raise ValueError(f'parameter {name}: in the dense model but not in the MoE model')
+  experts, share_kv = model_config.attention_experts, model_config.attention_experts_share_kv
+  if experts and experts != len(dense_models):
+    raise ValueError(f'model.attention_experts={experts} must equal the {len(dense_models)} '
+                     'dense models in init.upcycle_from (one expert each)')
   out = {}
   for name, target in target_params.items():
     if ffn(name):
       continue
+    if experts and name.endswith('/attention/attention_router'):
+      out[name] = jnp.zeros_like(target)  # a uniform mixture: the experts' mean
+      continue
     if any(name not in model for model in dense_models):
       raise ValueError(f'parameter {name}: in the MoE model but missing from a dense model')
-    out[name] = average(name, [model[name] for model in dense_models], target)
+    arrays = [model[name] for model in dense_models]
+    out[name] = (attention_expert_param(name, arrays, target, share_kv)
+                 if experts and '/attention/' in name else average(name, arrays, target))
   for layer in range(model_config.num_layers + model_config.mtp_layers):
     prefix = f'blocks/{layer}/ffn/'
     mlps = dense_mlps(dense_models, layer)

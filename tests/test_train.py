@@ -155,12 +155,20 @@ def test_negative_capacity_factor(tmp_path):
      ['model.moe.bias_update_rate=0.001', 'model.moe.router=top_p']),
     (['--config.model.moe.exchange_overlap=layer'],
      ["model.moe.exchange_overlap='layer'", 'experts, block']),
+    (['--config.model.attention_experts=-1'], ['model.attention_experts=-1']),
+    (['--config.model.attention=mla', '--config.model.attention_experts=2'],
+     ['model.attention_experts=2', 'mha']),
+    (['--config.model.attention_experts=3', '--config.init.upcycle_from=a,b'],
+     ['model.attention_experts=3', 'init.upcycle_from']),
+    (['--config.model.attention_experts_share_kv=True'],
+     ['model.attention_experts_share_kv', 'model.attention_experts']),
 ])
 def test_refusals_name_the_fields(tmp_path, capsys, flags, fields):
   """Dropless is capacity_factor=0 and nothing else: every other way of saying it, or a
   contradiction, is one line naming the fields, status 2, nothing written. So is a negative
   multi-token-prediction depth, or one with pipeline stages, chunks of the whole block with a
-  balance loss pooled over the batch, and a top-p threshold or cap out of range."""
+  balance loss pooled over the batch, a top-p threshold or cap out of range, and attention
+  experts that are negative, with MLA, or not one per upcycled dense model."""
   workdir = tmp_path / 'w'
   assert train.main(['--config', 'configs/tiny.py', '--workdir', str(workdir), *flags]) == 2
   lines = capsys.readouterr().err.strip().splitlines()

@@ -215,3 +215,56 @@ def test_jit_matches_eager():
   assert jitted.keys() == eager.keys() == target.keys()
   for name in target:
     np.testing.assert_allclose(jitted[name], eager[name], rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def perturbed(flat, seed):
+  """`flat` with every param moved off its initial value (biases, norm scales included)."""
+  rng = np.random.default_rng(seed)
+  return {name: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype)
+          for name, v in flat.items()}
+
+
+def model_with(model_config, flat):
+  graphdef, params, buffers = nnx.split(build_model(model_config, 0), nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, layout.from_layers(dict(flat), model_config))
+  return nnx.merge(graphdef, params, buffers)
+
+
+def attention_of(model_config, flat, layer, x_BxLxD):
+  """Block `layer`'s attention of the model with `flat` params on its input x [B, L, D]."""
+  positions_BxL = jnp.broadcast_to(jnp.arange(x_BxLxD.shape[1]), x_BxLxD.shape[:2])
+  return model_with(model_config, flat).blocks[layer].attention(x_BxLxD, positions_BxL)
+
+
+@pytest.mark.parametrize('share_kv', [False, True])
+def test_attention_experts_start_as_the_mean_of_the_dense_attentions(share_kv):
+  """BAM's step-0 identity: the router starts at zeros, so each of the 2 attention experts
+  weighs 1/2 and every upcycled attention layer gives mean_m Attn_m(x), Attn_m dense model m's
+  attention (with share_kv: model m's queries and outputs over the models' mean K/V
+  projections), on the upcycled model's own block input x. The averaged (BTX) attention
+  gives something else."""
+  model = {'num_kv_heads': 2, 'qk_norm': 'per_head', 'attention_bias': True}
+  dense = dense_config(**model)
+  flats = [perturbed(flat_params(dense, seed), seed) for seed in (0, 5)]
+  bam = moe_config(model={**model, 'attention_experts': 2,
+                          'attention_experts_share_kv': share_kv})
+  params = upcycled(flats, bam, init_config(upcycle='copy'))
+  btx_moe = moe_config(model=model)
+  btx = upcycled(flats, btx_moe, init_config(upcycle='copy'))
+  kv = ('wk', 'wv', 'k_bias', 'v_bias', 'k_norm/scale')
+  shared = lambda name: share_kv and name.split('/attention/')[-1] in kv
+  sources = [{name: (sum(f[name] for f in flats) / 2 if shared(name) else v)
+              for name, v in flat.items()} for flat in flats]
+  upcycled_model = model_with(bam, params)
+  x_BxLxD = upcycled_model.blocks[0].attention_norm(upcycled_model._embed(TOKENS_BxL))
+  for layer in range(bam.num_layers):
+    want = sum(attention_of(dense, source, layer, x_BxLxD) for source in sources) / 2
+    got = attention_of(bam, params, layer, x_BxLxD)
+    assert max_diff(got, want) < 1e-5, layer
+    assert max_diff(attention_of(btx_moe, btx, layer, x_BxLxD), want) > 1e-2, layer
+
+
+def test_attention_experts_need_one_dense_model_each():
+  dense_flat = flat_params(dense_config(), 0)
+  with pytest.raises(ValueError, match=r'model.attention_experts=3 must equal the 2 dense'):
+    upcycled([dense_flat] * 2, moe_config(model={'attention_experts': 3}), init_config())

@@ -174,7 +174,8 @@ def _deepseek_from_hf(m, e, hf: dict, source: str) -> None:
 
 # moetrain fields that change what a model computes, beyond its parameter shapes.
 BEHAVIOUR = ('rope_theta', 'norm_eps', 'tie_embeddings', 'qk_norm', 'attention',
-             'attention_bias', 'rope_scaling', 'moe.router', 'moe.norm_topk_prob',
+             'attention_experts', 'attention_bias', 'rope_scaling', 'moe.router',
+             'moe.norm_topk_prob',
              'moe.routed_scaling_factor', 'moe.num_groups', 'moe.topk_groups',
              'moe.shared_expert_gate', 'moe.num_null_experts', 'moe.first_dense_layers',
              'moe.layer_interval', 'moe.num_experts', 'moe.top_k')
