@@ -1,6 +1,7 @@
-"""The `bam` mode of tools/benchmark.py: two dense models trained apart, upcycled into one MoE
-with their attentions averaged (Branch-Train-MiX) or kept as attention experts (BAM), each
-MoE then trained the same steps on the same data from the same seed."""
+"""The `bam` mode of tools/benchmark.py: two dense branches of one seed model, trained on
+different data, upcycled into one MoE with their attentions averaged (Branch-Train-MiX) or kept
+as attention experts (BAM), each MoE then trained the same steps on the same data from the same
+seed."""
 
 import json
 import pathlib
@@ -9,6 +10,9 @@ import sys
 import tempfile
 import time
 
+from moetrain import config as config_lib
+from moetrain.data import sources
+from moetrain.data import tokenizer as tokenizer_lib
 from moetrain.errors import ConfigError
 
 # Each run's logged loss every step, no evaluation, samples or checkpoints in between.
@@ -36,27 +40,43 @@ def _train(config: str, workdir: pathlib.Path, steps: int, flags: list) -> dict:
   return {r['step']: r['loss'] for r in records if 'split' not in r}
 
 
+def _domains() -> dict:
+  """Two kinds of Python of the standard library, one per branch: its tests and its modules."""
+  root = sources.stdlib_root()
+  return {'tests': f'{root}/test/**/*.py', 'modules': f'{root}/*.py'}
+
+
 def bam(args) -> None:
-  """Trains dense models A and B (seeds 1 and 2) for --dense-steps, then each upcycled MoE
-  for --steps; prints each variant's first-step loss and the mean of its last 10 steps."""
+  """Branch-Train-MiX's recipe, as BAM upcycles: a seed dense model trained --seed-steps,
+  branched into two copies trained --branch-steps more on different data (the standard
+  library's tests; its modules), upcycled both ways and each MoE trained --steps on the whole
+  corpus; prints each variant's first-step loss and the mean of its last 10 steps."""
+  vocab = config_lib.load(args.dense_config, args.overrides).model.vocab_size
+  tokenizer = f'--config.data.tokenizer={tokenizer_lib.stdlib_tokenizer_path(vocab)}'
+  tokenizer_lib.load_or_train_stdlib_tokenizer(vocab)
   with tempfile.TemporaryDirectory() as scratch:
-    dense = []
-    for seed in (1, 2):
-      workdir = pathlib.Path(scratch) / f'dense{seed}'
-      losses = _train(args.dense_config, workdir, args.dense_steps,
-                      [*args.overrides, f'--config.train.seed={seed}'])
-      print(f'dense seed {seed}: loss {losses[max(losses)]:.4f} after {args.dense_steps} steps',
-            flush=True)
-      dense.append(str(workdir))
-    print(f'| upcycled from 2 dense models | step 1 loss | mean loss, steps '
+    seed = pathlib.Path(scratch) / 'seed'
+    losses = _train(args.dense_config, seed, args.seed_steps, args.overrides)
+    print(f'seed dense model: loss {losses[max(losses)]:.4f} after {args.seed_steps} steps',
+          flush=True)
+    branches = []
+    for name, files in _domains().items():
+      workdir = pathlib.Path(scratch) / name
+      losses = _train(args.dense_config, workdir, args.branch_steps,
+                      [*args.overrides, f'--config.init.from_checkpoint={seed}',
+                       '--config.data.source=text', f'--config.data.path={files}', tokenizer])
+      print(f'branch on the stdlib {name}: loss {losses[max(losses)]:.4f} after '
+            f'{args.branch_steps} more steps', flush=True)
+      branches.append(str(workdir))
+    print(f'| upcycled from 2 branches | step 1 loss | mean loss, steps '
           f'{args.steps - 9}–{args.steps} |')
     print('| --- | --- | --- |')
     for name, flags in VARIANTS.items():
       start = time.perf_counter()
       workdir = pathlib.Path(scratch) / name.replace(' ', '_').replace(',', '').replace('/', '')
       losses = _train(args.config, workdir, args.steps,
-                      [*args.overrides, *flags, f'--config.init.upcycle_from={",".join(dense)}',
-                       '--config.train.seed=0'])
+                      [*args.overrides, *flags,
+                       f'--config.init.upcycle_from={",".join(branches)}'])
       last = [losses[step] for step in sorted(losses)[-10:]]
       print(f'| {name} | {losses[min(losses)]:.4f} | {sum(last) / len(last):.4f} |'
             f' ({time.perf_counter() - start:.0f} s)', flush=True)
@@ -68,7 +88,8 @@ def add_parser(commands) -> None:
                             'attention experts (BAM), trained alike')
   run.add_argument('--dense-config', default='configs/tiny_dense.py')
   run.add_argument('--config', default='configs/tiny.py')
-  run.add_argument('--dense-steps', type=int, default=100)
+  run.add_argument('--seed-steps', type=int, default=100)
+  run.add_argument('--branch-steps', type=int, default=100)
   run.add_argument('--steps', type=int, default=50)
   run.add_argument('overrides', nargs='*', help='--config.section.key=value overrides of '
                    'every run')

@@ -8,7 +8,7 @@
   python tools/benchmark.py model --config configs/mixtral_8x7b.py [--devices 8]
       [--mesh expert=8,fsdp=1] [--chips h100 tpu-v5p] [--pick-stages] [--fp8] [--config.a.b=v …]
   python tools/benchmark.py fp8-curves [--config configs/tiny.py] [--steps 200] [--config.a.b=v …]
-  python tools/benchmark.py bam [--dense-steps 100] [--steps 50] [--config.a.b=v …]
+  python tools/benchmark.py bam [--seed-steps 100] [--branch-steps 100] [--steps 50] [--config.a.b=v …]
 
 moe-layer: the train step (forward + backward) of one MoE feed-forward layer for each way of
 computing it (the capacity buffers' two backends at --capacity-factor, and dropless), next to a dense SwiGLU FFN with the same active FLOPs (hidden width k·d_expert;
@@ -47,8 +47,9 @@ data, in child processes) and its losses side by side: at --at steps, and each r
 relative difference from the bf16 run over all steps, one by one and of 10-step means, as a
 markdown table.
 
-bam: two dense models upcycled into one MoE with averaged attention or with attention
-experts (BAM, docs/upcycle.md), trained alike; their first and last losses side by side.
+bam: two dense branches of one seed model, trained on different data, upcycled into one MoE
+with averaged attention or with attention experts (BAM, docs/upcycle.md) and trained alike;
+their first and last losses side by side.
 
 convert: a synthetic Hugging Face checkpoint of the config's model (random weights) converted
 to moetrain and back by `tools/convert_checkpoint.py` in child processes; prints the checkpoint
