@@ -27,6 +27,14 @@ class ArgumentParser(argparse.ArgumentParser):
     raise ConfigError(message)
 
 
+class CommandParser(ArgumentParser):
+  """An ArgumentParser of a tool with subcommands: its errors name the (sub)command, since
+  several subcommands share argument names."""
+
+  def error(self, message):
+    super().error(f'{self.prog}: {message}')
+
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv):
   """(parsed arguments, the `--config.<field>=<value>` overrides); ConfigError naming any
   other unknown flag."""

@@ -19,22 +19,15 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ArgumentParser  # noqa: E402
+from moetrain.config import CommandParser  # noqa: E402
 from moetrain.errors import ConfigError  # noqa: E402
 
 _OVERRIDABLE = ('--config.data.', '--config.train.')
 
 
-class _Parser(ArgumentParser):
-  """Names the (sub)command in its errors."""
-
-  def error(self, message):
-    super().error(f'{self.prog}: {message}')
-
-
 def _parser():
-  parser = _Parser(prog='compress_experts', description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+  parser = CommandParser(prog='compress_experts', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True, parser_class=CommandParser)
   prune = commands.add_parser('prune', help='drop the least used experts (Lu et al. 2024)')
   merge = commands.add_parser('merge', help='merge similar experts (MC-SMoE, HC-SMoE)')
   for sub in (prune, merge):

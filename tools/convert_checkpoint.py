@@ -19,20 +19,13 @@ import sys
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from moetrain.config import ArgumentParser  # noqa: E402
+from moetrain.config import CommandParser  # noqa: E402
 from moetrain.errors import ConfigError  # noqa: E402
 
 
-class _Parser(ArgumentParser):
-  """Names the (sub)command in its errors: several subcommands share argument names."""
-
-  def error(self, message):
-    super().error(f'{self.prog}: {message}')
-
-
 def _parser():
-  parser = _Parser(prog='convert_checkpoint', description=__doc__.splitlines()[0])
-  commands = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+  parser = CommandParser(prog='convert_checkpoint', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True, parser_class=CommandParser)
   to_ours = commands.add_parser('hf-to-moetrain', help='Hugging Face folder → moetrain',
                                 description='Hugging Face safetensors → moetrain checkpoint '
                                 '(Llama, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, '
