@@ -39,6 +39,9 @@ ROUTERS = {
                             '--config.model.moe.top_k=3', '--config.model.moe.dispatch=einsum'],
     'top_p_dynamic': ['--config.model.moe.router=top_p', '--config.model.moe.top_k=4',
                       '--config.model.moe.dynamic_loss_weight=0.01'],
+    # 12 router outputs on 8 experts (merged experts): a token can send two slots to one.
+    'merged_router_map_bias': ['--config.model.moe.router_outputs=12',
+                               '--config.model.moe.bias_update_rate=0.01'],
 }
 
 
