@@ -5,12 +5,15 @@ calibration statistics rank highest and drops the rest with their router columns
 (MC-SMoE, Li et al. 2024; HC-SMoE, Chen et al. 2024) groups similar experts, averages each
 group's weights weighted by usage and keeps every router output, mapped to its group's expert
 (`model.moe.router_outputs`, the `expert_map` buffer), so a token that chose two experts of one
-group reaches the merged expert with the sum of their gates. Works on numpy arrays on the host;
-loops run over layers and groups of the offline tool, never inside a model step.
+group reaches the merged expert with the sum of their gates. The choices (which experts to keep,
+which to group) are made on the host from per-expert statistics and router columns; the
+weights move inside one jitted function in their shardings (jax arrays or numpy alike), so no
+host ever holds the experts.
 
 Shape suffixes: E experts, R router outputs, N experts kept, D model width, F features.
 """
 
+import jax.numpy as jnp
 import numpy as np
 from scipy import spatial
 from scipy.cluster import hierarchy
@@ -72,18 +75,17 @@ def cluster(similarity_ExE: np.ndarray, groups: int) -> np.ndarray:
   return order[labels_E].astype(np.int32)
 
 
-def merge_weights(w_ExAxB: np.ndarray, group_E: np.ndarray, usage_E: np.ndarray) -> np.ndarray:
+def merge_weights(w_ExAxB, group_E: np.ndarray, usage_E: np.ndarray):
   """Usage-weighted average of each group's experts (a group never used: the plain mean):
   [E, A, B] -> [N, A, B] in w's dtype."""
-  groups = int(group_E.max()) + 1
-  usage_E = np.asarray(usage_E, np.float64)
-  merged = []
-  for g in range(groups):
-    members = np.flatnonzero(group_E == g)
-    weight_M = usage_E[members] if usage_E[members].sum() > 0 else np.ones(len(members))
-    weight_M = weight_M / weight_M.sum()
-    merged.append(np.tensordot(weight_M, np.asarray(w_ExAxB[members], np.float64), axes=1))
-  return np.stack(merged).astype(w_ExAxB.dtype)
+  member_NxE = np.arange(int(group_E.max()) + 1)[:, None] == np.asarray(group_E)[None, :]
+  usage_NxE = member_NxE * np.asarray(usage_E, np.float64)[None, :]
+  unused_N = usage_NxE.sum(axis=1) == 0
+  weight_NxE = np.where(unused_N[:, None], member_NxE, usage_NxE)
+  weight_NxE = (weight_NxE / weight_NxE.sum(axis=1, keepdims=True)).astype(np.float32)
+  w_ExAxB = jnp.asarray(w_ExAxB)
+  merged = jnp.einsum('ne,eab->nab', weight_NxE, w_ExAxB.astype(jnp.float32))
+  return merged.astype(w_ExAxB.dtype)
 
 
 def merge_layer(params: dict, layer: int, group_E: np.ndarray, usage_E: np.ndarray,

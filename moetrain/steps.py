@@ -202,8 +202,9 @@ def make_train_step(setup: Setup):
                  donate_argnums=0)
 
 
-def make_eval_step(setup: Setup):
-  """jit(params, buffers, batch) → (sum of cross-entropy, number of target tokens)."""
+def make_eval_step(setup: Setup, with_stats: bool = False):
+  """jit(params, buffers, batch) → (sum of cross-entropy, number of target tokens), and with
+  `with_stats` the MoE layers' `RoutingStats` too."""
   model_config = setup.config.model
 
   def eval_step(params, buffers, batch):
@@ -211,9 +212,9 @@ def make_eval_step(setup: Setup):
     if stages(setup.mesh) > 1:
       batch = split_microbatches(batch, setup.config.train.microbatches,
                                  model_config.moe.group_size, setup.mesh)
-    ce_sum, targets, _, _ = forward(model, batch, model_config.moe.eval_capacity_factor,
-                                    document_mask=setup.config.train.document_mask)
-    return ce_sum, targets
+    ce_sum, targets, stats, _ = forward(model, batch, model_config.moe.eval_capacity_factor,
+                                        document_mask=setup.config.train.document_mask)
+    return (ce_sum, targets, stats) if with_stats else (ce_sum, targets)
 
   batch_shardings = {'inputs': setup.batch_sharding, 'targets': setup.batch_sharding}
   return jax.jit(eval_step, in_shardings=(setup.state_shardings['params'],

@@ -92,8 +92,7 @@ def test_prune_to_6_of_8_by_frequency_keeps_the_most_used_and_trains_on(trained,
   assert status == 0, err
   assert 'eval loss (dropless) before' in printed and ', after ' in printed
   config, params, buffers = _flat(trained)
-  model, _ = moetrain.load(trained)
-  stats = compress_experts.calibration(model, config, 2)
+  stats = compress_experts.calibration(*compress_experts.restored(trained)[1:], 2)
   new_config, new_params, _ = _flat(out)
   assert new_config.model.moe.num_experts == 6
   for layer, frequency_E in zip(compress.moe_layers(params), stats['frequency']):
@@ -120,8 +119,8 @@ def test_pruning_an_expert_never_routed_to_leaves_the_logits_equal(tmp_path, cap
   for layer in compress.moe_layers(params):
     buffers[f'blocks/{layer}/ffn/router_bias'][3] = -1e4  # never among any token's top 2
   _save(tmp_path / 'full', config, params, buffers)
-  model, _ = moetrain.load(tmp_path / 'full')
-  assert np.all(compress_experts.calibration(model, config, 2)['frequency'][:, 3] == 0)
+  stats = compress_experts.calibration(*compress_experts.restored(tmp_path / 'full')[1:], 2)
+  assert np.all(stats['frequency'][:, 3] == 0)
   status, _, err = _compress(capsys, 'prune', tmp_path / 'full', tmp_path / 'pruned',
                              '--keep', 7, '--batches', 2)
   assert status == 0, err
@@ -152,8 +151,9 @@ def test_merging_two_exact_copies_keeps_the_logits_through_the_router_map(traine
   copies = _logits(tmp_path / 'copies', tokens)
   assert np.max(np.abs(_logits(tmp_path / 'no_map', tokens) - copies)) > 1e-4
 
+  # On an FSDP mesh: the experts are merged where they are sharded.
   status, printed, err = _compress(capsys, 'merge', tmp_path / 'copies', tmp_path / 'merged',
-                                   '--keep', 7, '--batches', 2)
+                                   '--keep', 7, '--batches', 2, '--config.mesh.fsdp=2')
   assert status == 0, err
   assert 'groups [[2, 5]] merged' in printed
   merged, _, merged_buffers = _flat(tmp_path / 'merged')
@@ -189,6 +189,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, tmp_path, caps
       (['prune', tmp_path / 'missing', out, '--keep', 6], 'no moetrain checkpoint there'),
       (['prune', trained, out, '--keep', 6, '--bogus'], 'unknown argument --bogus'),
       (['prune', trained, out, '--min-mass', 1.5], '--min-mass 1.5'),
+      (['merge', trained, out, '--keep', 7, '--config.mesh.expert=2'],
+       'model.moe.num_experts=7 must be divisible by mesh.expert=2'),
   ]
   for argv, expected in cases:
     status, printed, err = _compress(capsys, *argv)

@@ -6,7 +6,8 @@
 
 Every MoE layer keeps N experts (its layers share one count), chosen from that layer's routing
 statistics on `--batches` calibration batches of the checkpoint's train split; `--config.data.*`
-(and `--config.train.*`) overrides pick any other data. The eval loss is printed before and
+(and `--config.train.*`) overrides pick any other data, `--config.mesh.*` the mesh: the weights
+are restored, edited and written in its shardings. The eval loss is printed before and
 after, on the same eval batches. OUT holds weights only and the changed config: train from it
 with `--config.init.from_checkpoint=OUT`, load it with `moetrain.load(OUT)`. Bad input prints
 one line and exits with status 2, having written nothing.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from moetrain.config import CommandParser  # noqa: E402
 from moetrain.errors import ConfigError  # noqa: E402
 
-_OVERRIDABLE = ('--config.data.', '--config.train.')
+_OVERRIDABLE = ('--config.data.', '--config.train.', '--config.mesh.')
 
 
 def _parser():
@@ -82,50 +83,71 @@ def _check(args, moe) -> None:
       raise ConfigError(f'--skip-ratio {args.skip_ratio}: must be in [0, 1)')
 
 
-def calibration(model, config, num_batches: int, progress=None) -> dict:
+def restored(checkpoint_dir, overrides=()):
+  """(the checkpoint's config, the setup its statistics are taken on: its own mesh and data
+  with `overrides`, routed dropless; params, buffers restored in that setup's shardings)."""
+  import jax
+  from moetrain import checkpoint, config as config_lib, exchange_model
+  from moetrain.parallel.mesh import make_mesh
+  from moetrain.state import abstract_state, make_setup
+  config = checkpoint.model_config(checkpoint_dir)
+  calibrated = config_lib.with_overrides(config.copy_and_resolve_references(), overrides)
+  calibrated.model.moe.eval_capacity_factor = 0.0
+  mesh = make_mesh(calibrated)
+  exchange_model.resolve_exchange_chunks(calibrated, mesh)
+  setup = make_setup(calibrated, mesh)
+  abstract = abstract_state(setup)
+  with jax.set_mesh(mesh):
+    params, buffers = checkpoint.restore_weights(checkpoint_dir, abstract['params'],
+                                                 abstract['buffers'], config)
+  return config, setup, params, buffers
+
+
+def calibration(setup, params, buffers, num_batches: int, progress=None) -> dict:
   """Per MoE layer and router output over `num_batches` train batches (padding excluded):
   {'frequency' [N, R] (share of the layer's assignments), 'mass' [N, R] (gate mass)}."""
   import jax
   import numpy as np
-  from flax import nnx
-  from moetrain import steps
+  from moetrain import steps, trainer
   from moetrain.data.inputs import fixed_batches, load_tokenizer
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def routing_sums(state, batch):
-    _, _, stats, _ = steps.forward(nnx.merge(graphdef, state), batch, 0.0,
-                                   document_mask=config.train.document_mask)
-    return stats.assignments_E, stats.gate_mass_E
-
+  from moetrain.parallel import sharding
+  config = setup.config
+  step = steps.make_eval_step(setup, with_stats=True)
   batches = fixed_batches(config, load_tokenizer(config), 'train', num_batches,
-                          range(config.train.batch_size))
+                          sharding.process_rows(setup.batch_sharding, config.train.batch_size))
   load, mass = 0.0, 0.0
-  for batch in batches:
-    batch_load, batch_mass = routing_sums(state, batch)
-    load, mass = load + np.asarray(batch_load), mass + np.asarray(batch_mass)
-    if progress:
-      progress()
+  with jax.set_mesh(setup.mesh):
+    for batch in batches:
+      _, _, stats = step(params, buffers, trainer.global_batch(setup, batch))
+      load, mass = load + np.asarray(stats.assignments_E), mass + np.asarray(stats.gate_mass_E)
+      if progress:
+        progress()
   return {'frequency': load / np.maximum(load.sum(-1, keepdims=True), 1.0), 'mass': mass}
 
 
-def _weights(model, model_config):
-  """(flat per-layer params, buffers) of `model` as numpy arrays."""
+def _routers(setup, params, buffers) -> dict:
+  """Every MoE layer's router [D, R'] and router map [R] by flat name, on the host: small
+  arrays, gathered alone (the experts stay where they are)."""
   import jax
   import numpy as np
-  from flax import nnx
   from moetrain.models import layout
-  _, params, buffers = nnx.split(model, nnx.Param, ...)
-  host = lambda tree: jax.tree.map(np.asarray, nnx.to_pure_dict(tree))
-  return (layout.to_layers(host(params), model_config),
-          layout.to_layers(host(buffers), model_config))
+  from moetrain.parallel import sharding
+  model = setup.config.model
+
+  def small(params, buffers):
+    flat = {**layout.to_layers(params, model), **layout.to_layers(buffers, model)}
+    return {name: a for name, a in flat.items() if name.endswith(('/ffn/router', 'expert_map'))}
+  with jax.set_mesh(setup.mesh):
+    arrays = jax.jit(small, out_shardings=sharding.replicated(setup.mesh))(params, buffers)
+  return {name: np.asarray(a) for name, a in arrays.items()}
 
 
-def prune(args, stats, params, buffers, moe) -> tuple[dict, list]:
-  """Prunes every MoE layer in place: -> (model.moe fields to set, lines to print)."""
+def prune(args, stats, routers, moe) -> tuple[dict, list, object]:
+  """Plans the pruning of every MoE layer: -> (model.moe fields to set, lines to print, the
+  edit of the flat weights)."""
   import numpy as np
   from moetrain import compress
-  layers = compress.moe_layers(params)
+  layers = compress.moe_layers(routers)
   lines = []
   keep = args.keep
   if keep is None:
@@ -136,57 +158,89 @@ def prune(args, stats, params, buffers, moe) -> tuple[dict, list]:
     by = 'mass'
   else:
     by = args.by
+  kept = {}
   for layer, score_E in zip(layers, stats[by]):
-    keep_N = compress.top_experts(score_E, keep)
-    compress.prune_layer(params, buffers, layer, keep_N, moe.num_experts)
-    lines.append(f'layer {layer}: kept experts {keep_N.tolist()} ({by} '
-                 f'{float(np.sum(score_E[keep_N]) / max(np.sum(score_E), 1e-30)):.1%})')
-  return {'num_experts': keep, 'skip_ratio': args.skip_ratio}, lines
+    kept[layer] = compress.top_experts(score_E, keep)
+    lines.append(f'layer {layer}: kept experts {kept[layer].tolist()} ({by} '
+                 f'{float(np.sum(score_E[kept[layer]]) / max(np.sum(score_E), 1e-30)):.1%})')
+
+  num_experts = moe.num_experts  # before the config is changed to the kept count
+
+  def edit(params, buffers):
+    for layer, keep_N in kept.items():
+      compress.prune_layer(params, buffers, layer, keep_N, num_experts)
+  return {'num_experts': keep, 'skip_ratio': args.skip_ratio}, lines, edit
 
 
-def merge(args, stats, params, buffers, moe) -> tuple[dict, list]:
-  """Merges every MoE layer in place: -> (model.moe fields to set, lines to print)."""
+def merge(args, stats, routers, moe) -> tuple[dict, list, object]:
+  """Plans the merging of every MoE layer: -> (model.moe fields to set, lines to print, the
+  edit of the flat weights)."""
   import numpy as np
   from moetrain import compress
   outputs = moe.router_outputs or moe.num_experts
-  lines = []
-  for layer, frequency_R in zip(compress.moe_layers(params), stats['frequency']):
+  lines, plans = [], {}
+  for layer, frequency_R in zip(compress.moe_layers(routers), stats['frequency']):
     prefix = f'blocks/{layer}/ffn/'
-    map_R = buffers.get(prefix + 'expert_map', np.arange(outputs, dtype=np.int32))
-    columns_RxD = params[prefix + 'router'][:, :outputs].T
+    map_R = routers.get(prefix + 'expert_map', np.arange(outputs, dtype=np.int32))
+    columns_RxD = routers[prefix + 'router'][:, :outputs].T
     # An expert's feature: the router columns of the outputs it computes, summed.
     features_ExD = np.stack([columns_RxD[map_R == e].sum(0) for e in range(moe.num_experts)])
     group_E = compress.cluster(compress.cosine_similarity(features_ExD), args.keep)
-    usage_E = compress.expert_usage(frequency_R, map_R, moe.num_experts)
-    new_map_R = compress.merge_layer(params, layer, group_E, usage_E, map_R)
-    if args.keep < outputs:
-      buffers[prefix + 'expert_map'] = new_map_R
-    else:
-      buffers.pop(prefix + 'expert_map', None)
+    plans[layer] = (group_E, compress.expert_usage(frequency_R, map_R, moe.num_experts), map_R)
     groups = [np.flatnonzero(group_E == g).tolist() for g in range(args.keep)]
     lines.append(f'layer {layer}: groups {[g for g in groups if len(g) > 1]} merged')
+
+  def edit(params, buffers):
+    for layer, (group_E, usage_E, map_R) in plans.items():
+      new_map_R = compress.merge_layer(params, layer, group_E, usage_E, map_R)
+      if args.keep < outputs:
+        buffers[f'blocks/{layer}/ffn/expert_map'] = new_map_R
+      else:
+        buffers.pop(f'blocks/{layer}/ffn/expert_map', None)
   return {'num_experts': args.keep,
-          'router_outputs': outputs if args.keep < outputs else 0}, lines
+          'router_outputs': outputs if args.keep < outputs else 0}, lines, edit
 
 
 def compressed(args, overrides, progress):
-  """Reads the checkpoint, compresses it, writes OUT: -> the lines to print."""
-  from moetrain import checkpoint, config as config_lib, pretrained
+  """Reads the checkpoint, compresses it, writes OUT: -> the lines to print. The weights are
+  restored, edited and saved in the shardings of the checkpoint's own mesh."""
+  import jax
+  from moetrain import checkpoint, config as config_lib
   from moetrain.models import layout
+  from moetrain.parallel.mesh import check_layout
+  from moetrain.state import make_setup
   config = checkpoint.model_config(args.checkpoint)
   _check(args, config.model.moe)
   out = checkpoint.check_new_directory(args.out_dir)
-  model, _ = pretrained.load(args.checkpoint)
-  calibrated = config_lib.with_overrides(config.copy_and_resolve_references(), overrides)
-  stats = calibration(model, calibrated, args.batches, progress)
-  params, buffers = _weights(model, config.model)
-  compress_layers = prune if args.command == 'prune' else merge
-  fields, lines = compress_layers(args, stats, params, buffers, config.model.moe)
-  for name, value in fields.items():
-    config.model.moe[name] = value
+  _, setup, params, buffers = restored(args.checkpoint, overrides)
+
+  def resized(fields):
+    """The setup's config with `fields` of model.moe set, checked against its mesh."""
+    small = setup.config.copy_and_resolve_references()
+    small.model.moe.update(fields)
+    check_layout(small, tuple(setup.mesh.shape.values()))  # e.g. fewer experts than ranks
+    return small
+  if args.keep is not None:
+    resized({'num_experts': args.keep})  # before any work
+  stats = calibration(setup, params, buffers, args.batches, progress)
+  plan = prune if args.command == 'prune' else merge
+  fields, lines, edit = plan(args, stats, _routers(setup, params, buffers), config.model.moe)
+  small = resized(fields)
+  config.model.moe.update(fields)
   config_lib.validate(config)
-  checkpoint.save_model(out, layout.from_layers(params, config.model),
-                        layout.from_layers(buffers, config.model), config)
+  target = make_setup(small, setup.mesh)
+
+  def build(params, buffers):
+    flat_params = layout.to_layers(params, setup.config.model)
+    flat_buffers = layout.to_layers(buffers, setup.config.model)
+    edit(flat_params, flat_buffers)
+    return (layout.from_layers(flat_params, config.model),
+            layout.from_layers(flat_buffers, config.model))
+  with jax.set_mesh(setup.mesh):
+    params, buffers = jax.jit(build, out_shardings=(target.state_shardings['params'],
+                                                    target.state_shardings['buffers']))(
+        params, buffers)
+    checkpoint.save_model(out, params, buffers, config)
   return lines
 
 
@@ -199,7 +253,7 @@ def main(argv=None) -> int:
     unknown = [flag for flag in rest if not flag.startswith(_OVERRIDABLE)]
     if unknown:
       raise ConfigError(f'unknown argument {unknown[0].split("=")[0]} (overrides: '
-                        '--config.data.* and --config.train.*)')
+                        '--config.data.*, --config.train.* and --config.mesh.*)')
     run(args, rest)
   except ConfigError as error:
     print(f'compress_experts: error: {error}', file=sys.stderr)
