@@ -12,8 +12,8 @@ balancing; a 129280-token vocabulary with untied embeddings; RMSNorm epsilon 1e-
 mscale = mscale_all_dim = 1) for 163840 positions. `moetrain.convert.families.config_from_hf`
 gives the same `model` section from that file (tests/test_configs.py checks it), except for the
 multi-token-prediction module (`num_nextn_predict_layers: 1`): it is off here, so that the
-modelled figures of docs/benchmarks.md and the pipeline layouts (which do not run it yet) hold;
-`--config.model.mtp_layers=1` adds it, with the report's loss weight 0.3 (0.1 after 10T tokens).
+modelled figures of docs/benchmarks.md hold as measured; `--config.model.mtp_layers=1` adds it
+(with or without pipeline stages), with the report's loss weight 0.3 (0.1 after 10T tokens).
 
 The train section follows the DeepSeek-V3 report (arXiv 2412.19437) where moetrain can: init std
 0.006, AdamW (0.9, 0.95, weight decay 0.1) at 2.2e-4 after 2000 warmup steps, 4096-token

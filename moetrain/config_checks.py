@@ -165,9 +165,6 @@ def _validate_stages(config):
   if not m.scan_layers:
     raise ConfigError(f'mesh.stage={stages} needs model.scan_layers=True: stages split the '
                       'scanned layer stack')
-  if m.mtp_layers:
-    raise ConfigError(f'model.mtp_layers={m.mtp_layers} cannot run with mesh.stage={stages} '
-                      'yet: pipelined runs train without multi-token prediction')
   if units % (stages * repeats):
     raise ConfigError(f'the {units} units of the main layer stack must split over mesh.stage='
                       f'{stages} × model.pipeline_repeats={repeats}')

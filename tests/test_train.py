@@ -141,8 +141,6 @@ def test_negative_capacity_factor(tmp_path):
       '--config.train.sample_tokens=0'],
      ['model.moe.capacity_factor=0', 'model.moe.router=expert_choice']),
     (['--config.model.mtp_layers=-1'], ['model.mtp_layers=-1 must be >= 0']),
-    (['--config.model.mtp_layers=1', '--config.model.scan_layers=true', '--config.mesh.stage=2',
-      '--config.train.microbatches=2'], ['model.mtp_layers=1', 'mesh.stage=2']),
     (['--config.model.moe.exchange_overlap=block', '--config.model.moe.aux_loss=global'],
      ['model.moe.exchange_overlap=block', 'model.moe.aux_loss=global']),
     (['--config.model.moe.router=top_p', '--config.model.moe.top_p_threshold=0'],

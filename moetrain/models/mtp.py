@@ -41,5 +41,6 @@ class MultiTokenPrediction(nnx.Module):
 
 
 def shift_left(x_BxL, k: int, fill):
-  """x[:, i + k] at position i; the last k positions of each row hold `fill`: [B, L] → [B, L]."""
-  return jnp.pad(x_BxL[:, k:], ((0, 0), (0, k)), constant_values=fill)
+  """x[..., i + k] at position i; the last k positions of each row hold `fill`: [..., B, L] →
+  [..., B, L]."""
+  return jnp.pad(x_BxL[..., k:], [(0, 0)] * (x_BxL.ndim - 1) + [(0, k)], constant_values=fill)

@@ -29,6 +29,13 @@ def init_cache(model, batch: int, length: int) -> None:
       module.cache_v = KVCache(jnp.zeros(stacked + v_shape, dtype))
 
 
+def _append(layer_stats, more_stats):
+  """The MoE layers' stacked stats followed by `more_stats` (stacked too; None: none)."""
+  if more_stats is None:
+    return layer_stats
+  return jax.tree.map(lambda main, more: jnp.concatenate([main, more]), layer_stats, more_stats)
+
+
 # `train.remat` → the `jax.checkpoint` policy of each block (None: no rematerialisation).
 REMAT_POLICIES = {
     'none': None,
@@ -146,10 +153,18 @@ class Transformer(nnx.Module):
     those of the MTP modules' MoE blocks). Depth k's logits at position i predict the token
     k places after position i's target; the last k positions of a row are masked out of its
     routing (their logits mean nothing)."""
-    rows = positions_BxL, segments_BxL, mask_BxL = _rows(tokens_BxL, mask_BxL, segments_BxL,
-                                                         positions_BxL)
+    rows = _rows(tokens_BxL, mask_BxL, segments_BxL, positions_BxL)
+    if tokens_BxL.ndim == 3:
+      return self._pipelined(tokens_BxL, rows, capacity_factor, train, rng, predict=True)
     h_BxLxD, layer_stats = self._hidden(tokens_BxL, (*rows, capacity_factor, train, rng))
-    logits_BxLxV = self._logits(h_BxLxD)
+    depth_logits_DxBxLxV, depth_stats = self._predict_ahead(
+        h_BxLxD, tokens_BxL, *rows, capacity_factor, train, rng)
+    return self._logits(h_BxLxD), depth_logits_DxBxLxV, _append(layer_stats, depth_stats)
+
+  def _predict_ahead(self, h_BxLxD, tokens_BxL, positions_BxL, segments_BxL, mask_BxL,
+                     capacity_factor, train, rng):
+    """The multi-token-prediction depths from the last block's output h: (their logits
+    [D, B, L, V], the stats of their MoE blocks stacked, or None)."""
     depth_logits, depth_stats = [], []
     for k, module in enumerate(self.mtp, start=1):
       embedded_BxLxD = self._embed(shift_left(tokens_BxL, k, 0))
@@ -160,10 +175,8 @@ class Transformer(nnx.Module):
       depth_logits.append(self._logits(h_BxLxD, module.norm))
       if stats is not None:
         depth_stats.append(stats)
-    if depth_stats:
-      layer_stats = jax.tree.map(lambda main, *more: jnp.concatenate([main, jnp.stack(more)]),
-                                 layer_stats, *depth_stats)
-    return logits_BxLxV, jnp.stack(depth_logits), layer_stats
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *depth_stats) if depth_stats else None
+    return jnp.stack(depth_logits), stacked
 
   def _hidden(self, tokens_BxL, args):
     """The last block's output (before the final norm) and the MoE layers' stats, stacked."""
@@ -188,9 +201,11 @@ class Transformer(nnx.Module):
     logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, unembed.astype(self.dtype))
     return logits_BxLxV.astype(jnp.float32)
 
-  def _pipelined(self, tokens_MxBxL, rows, capacity_factor, train, rng):
+  def _pipelined(self, tokens_MxBxL, rows, capacity_factor, train, rng, predict=False):
     """`forward` of microbatches with the main stack run by `stages.run`; the embedding, the
-    dense stack before it and the blocks and head after it split them over the stages."""
+    dense stack before it and the blocks and head after it split them over the stages. With
+    `predict`, `forward_mtp`'s: the prediction modules run after the head, microbatch by
+    microbatch, their depth logits [D, M, B, L, V]."""
     dense, _, length, _ = self.plan
     mesh, main = self.mesh, getattr(self, self.main)
     before = self.dense_stack if self.main == 'moe_stack' else None
@@ -222,16 +237,26 @@ class Transformer(nnx.Module):
         stage_fn, nnx.to_pure_dict(state), x_MxBxLxD,
         rows + (keys_M,), mesh=mesh, repeats=self.repeats)
 
-    def tail_and_head(x_BxLxD, positions_BxL, segments_BxL, mask_BxL):
+    def tail_and_head(x_BxLxD, tokens_BxL, positions_BxL, segments_BxL, mask_BxL):
       first = self.plan[0] + self.plan[1] * length
       for offset, block in enumerate(self.tail):
         x_BxLxD, _ = self._block(block, first + offset, x_BxLxD, positions_BxL, segments_BxL,
                                  mask_BxL, capacity_factor, train, None)
-      return self._logits(x_BxLxD)
-    logits_MxBxLxV = stages.over_stages(tail_and_head, mesh, outputs_MxBxLxD, *rows)
-    if stats is None:
-      return logits_MxBxLxV, self._stack([])
-    return logits_MxBxLxV, routing_stats.from_microbatch_sums(stats, microbatches)
+      if not predict:
+        return self._logits(x_BxLxD), None, None
+      return self._logits(x_BxLxD), *self._predict_ahead(
+          x_BxLxD, tokens_BxL, positions_BxL, segments_BxL, mask_BxL, capacity_factor, train,
+          None)
+    logits_MxBxLxV, depth_logits_MxDxBxLxV, depth_stats_M = stages.over_stages(
+        tail_and_head, mesh, outputs_MxBxLxD, tokens_MxBxL, *rows)
+    layer_stats = (self._stack([]) if stats is None
+                   else routing_stats.from_microbatch_sums(stats, microbatches))
+    if not predict:
+      return logits_MxBxLxV, layer_stats
+    depth_stats = (None if depth_stats_M is None
+                   else routing_stats.reduce_microbatches(depth_stats_M))
+    return (logits_MxBxLxV, jnp.moveaxis(depth_logits_MxDxBxLxV, 1, 0),
+            _append(layer_stats, depth_stats))
 
   def _block(self, block, index, x_BxLxD, positions_BxL, segments_BxL, mask_BxL,
              capacity_factor, train, rng):

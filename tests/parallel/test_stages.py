@@ -53,12 +53,14 @@ def per_layer(tree, config):
 # Three meshes with stage, expert, fsdp, tensor and data axes, the schedules taking turns; two
 # cases also vary what runs inside the stages: one rematerialises every block and runs each
 # microbatch's rows in two chunks of the whole block, two layers per scan iteration; one routes
-# dropless (the exchange's ragged form).
+# dropless (the exchange's ragged form) and predicts a second token ahead with an MoE block
+# after the head (multi-token prediction, microbatch by microbatch over the stages).
 CASES = {('stage2_expert2_fsdp2', 'gpipe'): [],
          ('stage2_tensor2_data2', 'circular'): [
              '--config.train.remat=full', '--config.model.moe.exchange_overlap=block',
              '--config.model.moe.exchange_chunks=2', '--config.model.scan_unroll=2'],
-         ('stage4_expert2', 'circular'): ['--config.model.moe.capacity_factor=0']}
+         ('stage4_expert2', 'circular'): ['--config.model.moe.capacity_factor=0',
+                                          '--config.model.mtp_layers=1']}
 
 
 @functools.cache
@@ -79,9 +81,14 @@ def test_first_step_equals_the_single_device_step(mesh, schedule):
   grads, metrics, _ = first_gradients(config, devices_for(config),
                                       random_batch(config, padding=3))[0]
   assert (single['dropped_fraction'].max() > 0) != dropless  # capacity drops choices
-  for key in ('loss', 'aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction'):
-    np.testing.assert_allclose(metrics[key], single[key], rtol=2e-5, atol=1e-7, err_msg=key)
-  for name, grad in per_layer(grads, config).items():
+  assert ('mtp_loss' in single) == ('mtp_loss' in metrics) == ('--config.model.mtp_layers=1'
+                                                               in variant)
+  for key in ('loss', 'aux_loss', 'z_loss', 'expert_fraction', 'dropped_fraction', 'mtp_loss'):
+    if key in single:
+      np.testing.assert_allclose(metrics[key], single[key], rtol=2e-5, atol=1e-7, err_msg=key)
+  grads = per_layer(grads, config)
+  assert sorted(grads) == sorted(expected)
+  for name, grad in grads.items():
     np.testing.assert_allclose(grad, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
