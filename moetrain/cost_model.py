@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moetrain import exchange_model, fp8_cost, hardware, hlo_stats, summary
-from moetrain.models.plan import layer_plan
+from moetrain.models.plan import routed_layer_count
 from moetrain.parallel.mesh import make_mesh
 from moetrain.state import abstract_state, make_setup
 from moetrain.steps import make_train_step
@@ -171,7 +171,7 @@ def hand_flops(config) -> dict:
   counts = summary.parameter_counts(m)
   model_flops = summary.flops_per_token(m, t.seq_len, counts) * tokens
   moe = m.moe
-  _, moe_layers, _, _ = layer_plan(m)
+  moe_layers = routed_layer_count(m)
   expert_flops_per_slot = 6.0 * 3 * m.d_model * (moe.d_expert or m.d_ff)
   routed = expert_flops_per_slot * min(moe.top_k, moe.num_experts) * tokens * moe_layers
   groups = t.batch_size // moe.group_size

@@ -48,6 +48,14 @@ def test_flops_equal_the_hand_count_of_hardware_flops(name, remat):
   assert cost_model.flops_ratio(step, hand) == pytest.approx(1.0, abs=0.05)
 
 
+def test_hand_count_includes_the_prediction_modules_moe_block():
+  """A multi-token-prediction module's MoE block computes its capacity slots like any MoE
+  layer's (capacity factor 2: twice its k choices, which the count must not take instead)."""
+  overrides = ('--config.model.mtp_layers=1', '--config.model.moe.capacity_factor=2.0')
+  hand = cost_model.hand_flops(small_config('e8k2', *overrides))
+  assert cost_model.flops_ratio(cost('e8k2', 1, *overrides), hand) == pytest.approx(1.0, abs=0.05)
+
+
 @pytest.mark.parametrize('name, mesh', [('e8k2', 'expert=8'), ('e64k8', 'expert=8'),
                                         ('e64k8', 'expert=4 data=2')])
 def test_all_to_all_bytes_equal_the_analytic_volume(name, mesh):

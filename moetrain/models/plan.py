@@ -23,3 +23,10 @@ def is_moe_layer(config, index: int) -> bool:
   if not moe.num_experts or index < moe.first_dense_layers:
     return False
   return (index - moe.first_dense_layers + 1) % moe.layer_interval == 0
+
+
+def routed_layer_count(config) -> int:
+  """MoE blocks a train step runs: the main model's and the multi-token-prediction modules'."""
+  main = layer_plan(config)[1]
+  return main + sum(is_moe_layer(config, config.num_layers + j)
+                    for j in range(config.get('mtp_layers', 0)))
