@@ -93,14 +93,17 @@ def make_setup(config, mesh) -> Setup:
                sharding.batch_sharding(mesh))
 
 
-def fresh_weights(setup: Setup):
-  """(params, buffers) of a random initialisation, created in the state's shardings."""
+def fresh_weights(setup: Setup, only: tuple = ()):
+  """(params, buffers) of a random initialisation, created in the state's shardings; with
+  `only` (top-level names, e.g. 'mtp') just those parts, the rest never computed."""
+  pick = (lambda tree: {k: v for k, v in tree.items() if k in only}) if only else (lambda t: t)
+
   def init():
     t = setup.config.train
     model = build_model(setup.config.model, t.seed, t.remat, setup.mesh)
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-  shardings = (setup.state_shardings['params'], setup.state_shardings['buffers'])
+    return pick(nnx.to_pure_dict(params)), pick(nnx.to_pure_dict(buffers))
+  shardings = (pick(setup.state_shardings['params']), pick(setup.state_shardings['buffers']))
   return jax.jit(init, out_shardings=shardings)()
 
 

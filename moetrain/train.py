@@ -151,6 +151,9 @@ def restore_or_init(setup, workdir, lead: bool):
       i = setup.config.init
       source = (f'weights of {i.from_checkpoint}' if i.from_checkpoint else
                 f'{i.upcycle_from} upcycled ({i.upcycle})')
+      if i.from_checkpoint and warm_start.fresh_parts(i.from_checkpoint, setup.config.model):
+        source += ('; it has no multi-token-prediction modules, so the '
+                   f'{setup.config.model.mtp_layers} here start fresh')
       print(f'starting from {source}', file=sys.stderr)
     return init_state(setup, weights), None, checkpoints
   state, progress = restored

@@ -14,12 +14,26 @@ from moetrain.models import layout
 from moetrain.state import abstract_model, fresh_weights
 
 
-def _restore(field: str, directory: str, model_config, mesh, config=None):
+def _restore(field: str, directory: str, model_config, mesh, config=None, without=()):
+  """(params, buffers) of the checkpoint, but for the top-level parts `without`."""
   try:
     _, params, buffers = abstract_model(model_config, mesh)
-    return checkpoint.restore_weights(directory, params, buffers, config)
+    drop = lambda tree: {k: v for k, v in tree.items() if k not in without}
+    return checkpoint.restore_weights(directory, drop(params), drop(buffers), config)
   except ConfigError as error:
     raise ConfigError(f'{field}={directory}: {error}') from error
+
+
+def fresh_parts(directory: str, model_config) -> tuple:
+  """('mtp',) when the run has multi-token-prediction modules and the checkpoint none (a
+  converted model saved without them): they start fresh, everything else is restored."""
+  if not model_config.mtp_layers:
+    return ()
+  try:
+    saved = checkpoint.model_config(directory).model.mtp_layers
+  except ConfigError:
+    return ()  # the restore names what is wrong
+  return ('mtp',) if not saved else ()
 
 
 def initial_weights(setup):
@@ -27,11 +41,17 @@ def initial_weights(setup):
   for a random initialisation. Errors name the `init` field."""
   config, mesh = setup.config, setup.mesh
   if config.init.from_checkpoint:
+    fresh = fresh_parts(config.init.from_checkpoint, config.model)
     params, buffers = _restore('init.from_checkpoint', config.init.from_checkpoint,
-                               config.model, mesh, config)
-    place = lambda tree, where: jax.tree.map(jax.device_put, tree, where)
-    return (place(params, setup.state_shardings['params']),
-            place(buffers, setup.state_shardings['buffers']))
+                               config.model, mesh, config, without=fresh)
+    place = lambda tree, where: jax.tree.map(jax.device_put, tree,
+                                             {k: where[k] for k in tree})
+    params = place(params, setup.state_shardings['params'])
+    buffers = place(buffers, setup.state_shardings['buffers'])
+    if fresh:
+      fresh_params, fresh_buffers = fresh_weights(setup, only=fresh)
+      params, buffers = {**params, **fresh_params}, {**buffers, **fresh_buffers}
+    return params, buffers
   if config.init.upcycle_from:
     return upcycled_weights(setup)
   return None

@@ -126,3 +126,25 @@ def test_a_saved_value_that_cannot_be_put_back_is_listed():
   saved = _small().to_dict()
   saved['model']['num_layers'] = 'two'
   assert model_diff.blocking_fields(saved, _small()) == ["model.num_layers='two'→2"]
+
+
+def test_a_checkpoint_without_prediction_modules_restores_the_rest_and_starts_them_fresh(
+    tmp_path, capsys):
+  plain_dir = tmp_path / 'plain'
+  saved_weights('configs/tiny.py', plain_dir, '--config.model.num_layers=2')
+  # A zero learning rate saves the weights the run started from.
+  run('configs/tiny.py', tmp_path / 'mtp', 1, '--config.model.mtp_layers=1',
+      f'--config.init.from_checkpoint={plain_dir}', '--config.train.learning_rate=0.0')
+  assert ('has no multi-token-prediction modules, so the 1 here start fresh'
+          in capsys.readouterr().err)
+  weights = lambda model: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model,
+                                                                             nnx.Param)))
+  started, config = moetrain.load(tmp_path / 'mtp')
+  started = weights(started)
+  plain = weights(moetrain.load(plain_dir)[0])
+  fresh = weights(build_model(config.model, config.train.seed))
+  assert sorted(started) == sorted(plain) + ['mtp']
+  jax.tree.map(np.testing.assert_array_equal, {k: started[k] for k in plain}, plain)
+  # The run initialised its modules inside jit, this reference eagerly: equal up to rounding.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               started['mtp'], fresh['mtp'])
