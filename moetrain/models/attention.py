@@ -84,9 +84,8 @@ class Attention(nnx.Module):
 
   def cache_shapes(self, batch: int, length: int) -> tuple:
     """Shapes of the cached keys and values for `batch` sequences of `length` positions
-    (shared keys/values are cached once per expert, as `attend` sees them)."""
+    (shared keys/values once, for every expert)."""
     _, kv, h = self.wk.shape[-3:]
-    kv = kv * self.experts if self.share_kv else kv
     return (batch, length, kv, h), (batch, length, kv, h)
 
   def _norm(self, norm, x_BxLxNxH):
@@ -116,11 +115,9 @@ class Attention(nnx.Module):
     inv_freq, factor = rope.frequencies(*self.rope)
     q = rope.rotate(q, positions_BxL, inv_freq, factor)
     k = rope.rotate(k, positions_BxL, inv_freq, factor)
-    if self.share_kv:
-      # `attend` gives query head i the key head i // (queries per key): expert a's query
-      # heads a·N … a·N + N - 1 must meet key heads a·K … a·K + K - 1, copies of the shared K.
-      k, v = (jnp.tile(t, (1, 1, self.experts, 1)) for t in (k, v))
-    out_BxLxNxH = attend(self, q, k, v, positions_BxL, segments_BxL)
+    # Shared keys and values serve each expert's query heads in turn.
+    out_BxLxNxH = attend(self, q, k, v, positions_BxL, segments_BxL,
+                         kv_copies=self.experts if self.share_kv else 1)
     if self.experts:
       out_BxLxNxH = mix_experts(out_BxLxNxH, self.router_weights(x_BxLxD))
     return project('blnh,nhd->bld', out_BxLxNxH, self.wo)

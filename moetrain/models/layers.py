@@ -29,19 +29,24 @@ class KVCache(nnx.Variable):
 
 
 def attend(module, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL, segments_BxL=None,
-           scale=None):
+           scale=None, kv_copies: int = 1):
   """Causal attention, by a fused kernel where the platform has one that fits on
-  `module.mesh` (see `fused_attention`). With a cache on `module` (`init_cache`), this call's keys and values
-  are written at their positions and each query attends to every slot up to its position."""
+  `module.mesh` (see `fused_attention`). With a cache on `module` (`init_cache`), this call's
+  keys and values are written at their positions and each query attends to every slot up to
+  its position. With `kv_copies` = C > 1 the K key/value heads serve C consecutive groups of
+  query heads, each group as if alone (they are tiled C times after the cache, which holds
+  them once)."""
+  tile = lambda x_BxSxKxH: (jnp.tile(x_BxSxKxH, (1, 1, kv_copies, 1)) if kv_copies > 1
+                            else x_BxSxKxH)
   if not hasattr(module, 'cache_k'):
-    return fused_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segments_BxL, scale,
-                                     mesh=module.mesh)
+    return fused_attention.attention(q_BxLxNxH, tile(k_BxLxKxH), tile(v_BxLxKxH),
+                                     segments_BxL, scale, mesh=module.mesh)
   start = positions_BxL[0, 0]  # the rows of a decoding batch share positions
   for name, new in (('cache_k', k_BxLxKxH), ('cache_v', v_BxLxKxH)):
     cache = getattr(module, name)
     cache[...] = jax.lax.dynamic_update_slice_in_dim(cache[...], new.astype(cache.dtype),
                                                      start, axis=1)
-  keys, values = module.cache_k[...], module.cache_v[...]
+  keys, values = tile(module.cache_k[...]), tile(module.cache_v[...])
   mask_Bx1xLxS = jnp.arange(keys.shape[1]) <= positions_BxL[:, None, :, None]
   # XLA: the slots a query sees follow its position, a mask neither fused kernel takes.
   return jax.nn.dot_product_attention(q_BxLxNxH, keys.astype(q_BxLxNxH.dtype),
