@@ -263,14 +263,16 @@ def test_skip_ratio_skips_small_later_gates_outside_training_only():
   experts, gates = _softmax_top_k(block, x, 2)
   skipped = np.asarray(gates[..., 1] < 0.6 * gates[..., 0])
   assert skipped.any() and not skipped.all()
+  # A skipped second choice: the null index 4 (no expert computes it) with gate 0.
+  second_skipped = skipped[..., None] & (np.arange(2) == 1)
+  kept_experts = jnp.asarray(np.where(second_skipped, 4, experts))
+  kept_gates = jnp.where(second_skipped, 0.0, gates)
   for cf in (0.0, 2.0):
     y_plain, _ = run(block, x, mask, cf)
     y_skip, metrics = run(skip_block, x, mask, cf)
     y_ref, _ = token_choice_loop_reference(
-        x, mask.astype(jnp.float32), jnp.asarray(np.where(skipped[..., None] & (
-            np.arange(2) == 1), 4, experts)), jnp.where(skipped[..., None] & (
-                np.arange(2) == 1), 0.0, gates),
-        block.w_gate[...], block.w_up[...], block.w_down[...], capacity=2 * x.shape[1])
+        x, mask.astype(jnp.float32), kept_experts, kept_gates, block.w_gate[...],
+        block.w_up[...], block.w_down[...], capacity=2 * x.shape[1])
     np.testing.assert_allclose(y_skip, y_ref, rtol=1e-5, atol=1e-6)
     assert not np.allclose(y_skip, y_plain, atol=1e-4)
     real = np.asarray(mask)
