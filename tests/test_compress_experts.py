@@ -92,7 +92,7 @@ def test_prune_to_6_of_8_by_frequency_keeps_the_most_used_and_trains_on(trained,
   assert status == 0, err
   assert 'eval loss (dropless) before' in printed and ', after ' in printed
   config, params, buffers = _flat(trained)
-  stats = compress_experts.calibration(*compress_experts.restored(trained)[1:], 2)
+  stats = compress_experts.calibration(*compress_experts.restored(trained), 2)
   new_config, new_params, _ = _flat(out)
   assert new_config.model.moe.num_experts == 6
   for layer, frequency_E in zip(compress.moe_layers(params), stats['frequency']):
@@ -119,7 +119,7 @@ def test_pruning_an_expert_never_routed_to_leaves_the_logits_equal(tmp_path, cap
   for layer in compress.moe_layers(params):
     buffers[f'blocks/{layer}/ffn/router_bias'][3] = -1e4  # never among any token's top 2
   _save(tmp_path / 'full', config, params, buffers)
-  stats = compress_experts.calibration(*compress_experts.restored(tmp_path / 'full')[1:], 2)
+  stats = compress_experts.calibration(*compress_experts.restored(tmp_path / 'full'), 2)
   assert np.all(stats['frequency'][:, 3] == 0)
   status, _, err = _compress(capsys, 'prune', tmp_path / 'full', tmp_path / 'pruned',
                              '--keep', 7, '--batches', 2)

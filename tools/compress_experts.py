@@ -84,8 +84,8 @@ def _check(args, moe) -> None:
 
 
 def restored(checkpoint_dir, overrides=()):
-  """(the checkpoint's config, the setup its statistics are taken on: its own mesh and data
-  with `overrides`, routed dropless; params, buffers restored in that setup's shardings)."""
+  """(the setup a checkpoint's statistics are taken on: its own mesh and data with
+  `overrides`, routed dropless; its params and buffers restored in that setup's shardings)."""
   import jax
   from moetrain import checkpoint, config as config_lib, exchange_model
   from moetrain.parallel.mesh import make_mesh
@@ -100,7 +100,7 @@ def restored(checkpoint_dir, overrides=()):
   with jax.set_mesh(mesh):
     params, buffers = checkpoint.restore_weights(checkpoint_dir, abstract['params'],
                                                  abstract['buffers'], config)
-  return config, setup, params, buffers
+  return setup, params, buffers
 
 
 def calibration(setup, params, buffers, num_batches: int, progress=None) -> dict:
@@ -212,7 +212,7 @@ def compressed(args, overrides, progress):
   config = checkpoint.model_config(args.checkpoint)
   _check(args, config.model.moe)
   out = checkpoint.check_new_directory(args.out_dir)
-  _, setup, params, buffers = restored(args.checkpoint, overrides)
+  setup, params, buffers = restored(args.checkpoint, overrides)
 
   def resized(fields):
     """The setup's config with `fields` of model.moe set, checked against its mesh."""
