@@ -140,20 +140,17 @@ def restore_or_init(setup, workdir, lead: bool):
   # A fresh workdir gets its checkpoints directory only once training starts writing.
   checkpoints = open_checkpoints(workdir, t) if path.exists() else None
   restored = None
+  log = (lambda line: print(line, file=sys.stderr)) if lead else (lambda line: None)
   if checkpoints is not None:
-    log = (lambda line: print(line, file=sys.stderr)) if lead else (lambda line: None)
     restored = checkpoint.restore_latest(checkpoints, abstract_state(setup),
                                          setup.config, log=log)
   if restored is None:
     from moetrain import warm_start
-    weights = warm_start.initial_weights(setup)
+    weights = warm_start.initial_weights(setup, log=log)
     if lead and weights is not None:
       i = setup.config.init
       source = (f'weights of {i.from_checkpoint}' if i.from_checkpoint else
                 f'{i.upcycle_from} upcycled ({i.upcycle})')
-      if i.from_checkpoint and warm_start.fresh_parts(i.from_checkpoint, setup.config.model):
-        source += ('; it has no multi-token-prediction modules, so the '
-                   f'{setup.config.model.mtp_layers} here start fresh')
       print(f'starting from {source}', file=sys.stderr)
     return init_state(setup, weights), None, checkpoints
   state, progress = restored

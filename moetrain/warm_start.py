@@ -24,7 +24,7 @@ def _restore(field: str, directory: str, model_config, mesh, config=None, withou
     raise ConfigError(f'{field}={directory}: {error}') from error
 
 
-def fresh_parts(directory: str, model_config) -> tuple:
+def _fresh_parts(directory: str, model_config) -> tuple:
   """('mtp',) when the run has multi-token-prediction modules and the checkpoint none (a
   converted model saved without them): they start fresh, everything else is restored."""
   if not model_config.mtp_layers:
@@ -36,12 +36,16 @@ def fresh_parts(directory: str, model_config) -> tuple:
   return ('mtp',) if not saved else ()
 
 
-def initial_weights(setup):
+def initial_weights(setup, log=lambda line: None):
   """(params, buffers) the config's `init` section asks for, in the state's shardings; None
-  for a random initialisation. Errors name the `init` field."""
+  for a random initialisation. Errors name the `init` field; `log` gets a line for modules
+  that start fresh."""
   config, mesh = setup.config, setup.mesh
   if config.init.from_checkpoint:
-    fresh = fresh_parts(config.init.from_checkpoint, config.model)
+    fresh = _fresh_parts(config.init.from_checkpoint, config.model)
+    if fresh:
+      log(f'init.from_checkpoint={config.init.from_checkpoint} has no multi-token-prediction '
+          f'modules, so the {config.model.mtp_layers} here start fresh')
     params, buffers = _restore('init.from_checkpoint', config.init.from_checkpoint,
                                config.model, mesh, config, without=fresh)
     place = lambda tree, where: jax.tree.map(jax.device_put, tree,

@@ -184,7 +184,8 @@ def merge(args, stats, routers, moe) -> tuple[dict, list, object]:
     map_R = routers.get(prefix + 'expert_map', np.arange(outputs, dtype=np.int32))
     columns_RxD = routers[prefix + 'router'][:, :outputs].T
     # An expert's feature: the router columns of the outputs it computes, summed.
-    features_ExD = np.stack([columns_RxD[map_R == e].sum(0) for e in range(moe.num_experts)])
+    features_ExD = np.zeros((moe.num_experts, columns_RxD.shape[1]), columns_RxD.dtype)
+    np.add.at(features_ExD, map_R, columns_RxD)
     group_E = compress.cluster(compress.cosine_similarity(features_ExD), args.keep)
     plans[layer] = (group_E, compress.expert_usage(frequency_R, map_R, moe.num_experts), map_R)
     groups = [np.flatnonzero(group_E == g).tolist() for g in range(args.keep)]
