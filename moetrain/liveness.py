@@ -7,8 +7,10 @@ Without this, a process killed mid-collective leaves the others blocked in it un
 heartbeat check aborts them with a C++ log (SIGABRT) a minute or more later. Here the
 coordination service's heartbeat is set to a multiple of ours (`jax_heartbeat_s`), so this
 check always speaks first, and the process exits with status 1 (`os._exit`: the main thread
-may be stuck in a collective that never returns). When process 0, which hosts the service,
-is the one lost, the others' calls to it fail: that is reported the same way.
+may be stuck in a collective that never returns). A collective may instead fail at once when
+its peer's connection closes; an error leaving the watch therefore waits up to the timeout
+for the watch to name the lost peer before it is reported. When process 0, which hosts the
+service, is the one lost, the others' calls to it fail: that is reported the same way.
 """
 
 import os
@@ -19,6 +21,7 @@ import time
 HEARTBEAT_FLOOR_S = 10.0  # below this a garbage-collection pause or a slow save reads as lost
 JAX_HEARTBEAT_FACTOR = 3
 _KEY = 'moetrain/heartbeat/{}'
+_FAILING = 'failing'  # appended to the beat of a process leaving the watch with an error
 
 
 def check_timeout(seconds: float) -> None:
@@ -44,6 +47,8 @@ class PeerWatch:
     self.peers = [p for p in range(num_processes) if p != process_id]
     self.interval_s, self.client = interval_s, client
     self.stopped = threading.Event()
+    self.failing = threading.Event()  # this process leaves the watch with an error
+    self.decided = threading.Event()  # ... and every peer does too, or one is lost
     self.thread = threading.Thread(target=self._watch, name='peer-watch', daemon=True)
 
   def __enter__(self):
@@ -53,7 +58,13 @@ class PeerWatch:
       self.thread.start()
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, *exc):
+    if exc_type is not None and self.thread.is_alive():
+      # A collective with a lost peer fails at once (e.g. "connection closed by peer"): the
+      # watch gets its full timeout to name the peer before the error itself is reported,
+      # unless every peer says it fails too (the same error everywhere, e.g. a NaN loss).
+      self.failing.set()
+      self.decided.wait(self.timeout_s + 2 * self.interval_s)
     self.stopped.set()
     if self.thread.is_alive():
       self.thread.join()
@@ -67,12 +78,16 @@ class PeerWatch:
       now = time.monotonic()
       try:
         beats += 1
-        self.client.key_value_set(_KEY.format(self.me), str(beats), allow_overwrite=True)
+        beat = f'{beats} {_FAILING}' if self.failing.is_set() else str(beats)
+        self.client.key_value_set(_KEY.format(self.me), beat, allow_overwrite=True)
         for peer in self.peers:
           value = self._read(peer)
           if value != seen[peer][0]:
             seen[peer] = (value, now)
         unreachable_since = None
+        if self.failing.is_set() and all(str(value).endswith(_FAILING)
+                                         for value, _ in seen.values()):
+          self.decided.set()
       except Exception:  # the coordination service is gone with process 0
         unreachable_since = unreachable_since or now
         if now - unreachable_since > self.timeout_s:

@@ -203,22 +203,25 @@ def run(config, workdir_path: str, guard=None) -> dict:
                                  checkpoints.latest_step)
     peers = liveness.PeerWatch(jax.process_index(), jax.process_count(), t.heartbeat_timeout_s,
                                checkpoints.latest_step)
-    try:
-      # Only the lead process draws the bar and prints eval lines.
-      with (tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
-                      dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress, \
-          hang, peers:
-        state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
-                                            progress, save=save, stop_requested=watch,
-                                            trace_dir=workdir, finished=hang.beat)
-    finally:
-      train_iter.close()
-      watch.close()
-      checkpoints.wait_until_finished()
-      checkpoints.close()
-      writer.close()
-      if guard is not None:
-        guard.arm(guard.AFTER)
+    # The peer watch spans the closing waits too: the checkpoint's commit barrier blocks on a
+    # lost peer as a collective does.
+    with peers:
+      try:
+        # Only the lead process draws the bar and prints eval lines.
+        with (tqdm.tqdm(total=t.steps, initial=start_step, desc='train', unit='step',
+                        dynamic_ncols=True) if lead else contextlib.nullcontext()) as progress, \
+            hang:
+          state, summary = trainer.train_loop(setup, state, train_iter, eval_batches, writer,
+                                              progress, save=save, stop_requested=watch,
+                                              trace_dir=workdir, finished=hang.beat)
+      finally:
+        train_iter.close()
+        watch.close()
+        checkpoints.wait_until_finished()
+        checkpoints.close()
+        writer.close()
+        if guard is not None:
+          guard.arm(guard.AFTER)
   if lead and summary['stopped_at'] is not None:
     print(f'{watch.requested}: saved step {summary["stopped_at"]} in '
           f'{checkpoint.directory(workdir)}; run the same command again to resume')

@@ -19,17 +19,18 @@ from tests.devices import free_port, xla_flags
 
 
 class FakeClient:
-  """The coordination service's key-value store, in memory; peer 1 stops after `beats`."""
+  """The coordination service's key-value store, in memory; peer 1 stops after `beats`, and
+  says it is failing if `failing`."""
 
-  def __init__(self, beats):
-    self.store, self.beats = {}, beats
+  def __init__(self, beats, failing=False):
+    self.store, self.beats, self.failing, self.count = {}, beats, failing, 0
 
   def key_value_set(self, key, value, allow_overwrite=False):
     self.store[key] = value
-    peer = 'moetrain/heartbeat/1'
-    count = int(self.store.get(peer, '0'))
-    if count < self.beats:
-      self.store[peer] = str(count + 1)
+    if self.count < self.beats:
+      self.count += 1
+      self.store['moetrain/heartbeat/1'] = f'{self.count} failing' if self.failing else str(
+          self.count)
 
   def key_value_try_get(self, key):
     if key not in self.store:
@@ -37,16 +38,50 @@ class FakeClient:
     return self.store[key]
 
 
+def lose_into(lost):
+  """A `_give_up` that records the lost peer instead of ending the process."""
+  def give_up(self, peer, why):
+    lost.append((peer, why))
+    self.decided.set()
+    self.stopped.set()
+  return give_up
+
+
 def test_a_peer_whose_heartbeat_stops_is_lost(monkeypatch):
   lost = []
-  monkeypatch.setattr(liveness.PeerWatch, '_give_up',
-                      lambda self, peer, why: (lost.append((peer, why)), self.stopped.set()))
+  monkeypatch.setattr(liveness.PeerWatch, '_give_up', lose_into(lost))
   watch = liveness.PeerWatch(0, 2, 0.3, lambda: 4, interval_s=0.02, client=FakeClient(10))
   with watch:
     started = time.monotonic()
     assert watch.stopped.wait(5)
   assert lost == [(1, 'no heartbeat for 0 s')]
   assert time.monotonic() - started > 0.3 + 10 * 0.02 * 0.5  # not before it went silent
+
+
+def test_an_error_leaving_the_watch_waits_for_it_to_name_the_lost_peer(monkeypatch):
+  lost = []
+  monkeypatch.setattr(liveness.PeerWatch, '_give_up', lose_into(lost))
+  client = FakeClient(5)
+  watch = liveness.PeerWatch(0, 2, 0.3, lambda: 4, interval_s=0.02, client=client)
+  with pytest.raises(RuntimeError, match='closed by peer'):
+    with watch:
+      while client.count < 5:  # the peer dies, then the collective fails
+        time.sleep(0.01)
+      raise RuntimeError('Gloo AllGather failed: Connection closed by peer')
+  assert lost == [(1, 'no heartbeat for 0 s')]
+
+
+def test_an_error_every_process_shares_is_reported_without_waiting_out_the_timeout(
+    monkeypatch):
+  lost = []
+  monkeypatch.setattr(liveness.PeerWatch, '_give_up', lose_into(lost))
+  client = FakeClient(10**6, failing=True)
+  watch = liveness.PeerWatch(0, 2, 60, lambda: 4, interval_s=0.02, client=client)
+  with pytest.raises(FloatingPointError):
+    with watch:
+      raise FloatingPointError('non-finite loss')
+  assert watch.decided.is_set() and not lost
+  assert client.store['moetrain/heartbeat/0'].endswith(' failing')
 
 
 def test_a_heartbeat_timeout_below_the_floor_names_the_field():
@@ -63,7 +98,8 @@ def test_killing_one_of_two_processes_stops_the_other_and_a_rerun_on_one_resumes
   documents.write_text(''.join(json.dumps({'text': sources.read_text(file)}) + '\n'
                                for file in sources.stdlib_files('train')[:100]))
   load_or_train_stdlib_tokenizer(8000)
-  common = [*TINY, '--config.train.steps=5', '--config.train.checkpoint_every=2',
+  # Steps enough that the kill, after step 3, lands mid-run and not in the job's shutdown.
+  common = [*TINY, '--config.train.steps=10', '--config.train.checkpoint_every=2',
             '--config.train.heartbeat_timeout_s=10', '--config.data.source=jsonl',
             f'--config.data.path={documents}',
             f'--config.data.tokenizer={stdlib_tokenizer_path(8000)}']
