@@ -88,13 +88,14 @@ def _compress(capsys, *argv):
 def test_prune_to_6_of_8_by_frequency_keeps_the_most_used_and_trains_on(trained, tmp_path,
                                                                        capsys):
   out = tmp_path / 'pruned'
-  status, printed, err = _compress(capsys, 'prune', trained, out, '--keep', 6, '--batches', 2)
+  status, printed, err = _compress(capsys, 'prune', trained, out, '--keep', 6, '--batches', 2,
+                                   '--skip-ratio', 0.3)
   assert status == 0, err
   assert 'eval loss (dropless) before' in printed and ', after ' in printed
   config, params, buffers = _flat(trained)
   stats = compress_experts.calibration(*compress_experts.restored(trained), 2)
   new_config, new_params, _ = _flat(out)
-  assert new_config.model.moe.num_experts == 6
+  assert new_config.model.moe.num_experts == 6 and new_config.model.moe.skip_ratio == 0.3
   for layer, frequency_E in zip(compress.moe_layers(params), stats['frequency']):
     kept = np.sort(np.argsort(-frequency_E, kind='stable')[:6])
     for name in ('router', 'w_gate', 'w_down'):
@@ -102,10 +103,13 @@ def test_prune_to_6_of_8_by_frequency_keeps_the_most_used_and_trains_on(trained,
       np.testing.assert_array_equal(new, old[:, kept] if name == 'router' else old[kept])
   after = float(printed.split(', after ')[1].split()[0])
   assert abs(evaluate.evaluate(out)['loss'] - after) < 1e-4
-  # It trains on, and converts to Hugging Face like any other checkpoint.
+  # It trains on, and converts to Hugging Face like any other checkpoint, which computes every
+  # choice: the conversion says so.
   _train(tmp_path / 'again', 2, f'--config.init.from_checkpoint={out}',
          '--config.model.moe.num_experts=6')
+  capsys.readouterr()
   assert convert_checkpoint.main(['moetrain-to-hf', str(out), str(tmp_path / 'hf')]) == 0
+  assert 'model.moe.skip_ratio=0.3: Hugging Face models compute every' in capsys.readouterr().out
   hf_config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert hf_config['num_local_experts'] == 6
 

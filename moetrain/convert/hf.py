@@ -278,7 +278,8 @@ def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
                    log=print) -> families.Family:
   """Writes the newest checkpoint in `checkpoint_dir` as a Hugging Face folder; returns the
   family used (`family_name`, or the one `families.family_for` picks). Merged experts are
-  written expanded (`expanded`), with one notice through `log`."""
+  written expanded (`expanded`) and dynamic skipping dropped, each with a notice through
+  `log`."""
   import jax
   from moetrain.pretrained import abstract_weights
   checkpoint.check_new_directory(out_folder)
@@ -292,6 +293,9 @@ def moetrain_to_hf(checkpoint_dir, out_folder, *, family_name: str = '',
         f'outputs share {stored.model.moe.num_experts} experts; Hugging Face has no router map, '
         f'so each output gets a copy of its expert ({config.model.moe.num_experts} experts, the '
         'same logits, not smaller)')
+  if stored.model.moe.skip_ratio:
+    log(f'model.moe.skip_ratio={stored.model.moe.skip_ratio}: Hugging Face models compute every '
+        'chosen expert; the converted model skips none')
   if family_name and family_name not in families.FAMILIES:
     raise ConversionError(f'--family {family_name}: not one of '
                           f'{", ".join(sorted(families.FAMILIES))}')

@@ -80,8 +80,11 @@ def assert_same(result, reference):
   assert np.abs(ref_y).max() > 0.1
   np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
   for name, grad, ref_grad in zip(ARGUMENTS, grads, ref_grads):
-    assert np.abs(ref_grad).max() > 1e-2, name  # every gradient is exercised
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6, err_msg=name)
+    scale = np.abs(ref_grad).max()
+    assert scale > 1e-2, name  # every gradient is exercised
+    # A gradient entry sums products in another order on each path: its float32 rounding is
+    # relative to the terms, so the bound is too (a small entry may come from large terms).
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6 * scale, err_msg=name)
 
 
 def real_assignments(arrays):
