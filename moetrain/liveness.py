@@ -59,10 +59,11 @@ class PeerWatch:
     return self
 
   def __exit__(self, exc_type, *exc):
-    if exc_type is not None and self.thread.is_alive():
+    if exc_type is not None and issubclass(exc_type, Exception) and self.thread.is_alive():
       # A collective with a lost peer fails at once (e.g. "connection closed by peer"): the
       # watch gets its full timeout to name the peer before the error itself is reported,
       # unless every peer says it fails too (the same error everywhere, e.g. a NaN loss).
+      # An interrupt (KeyboardInterrupt, SystemExit) goes at once.
       self.failing.set()
       self.decided.wait(self.timeout_s + 2 * self.interval_s)
     self.stopped.set()

@@ -84,6 +84,17 @@ def test_an_error_every_process_shares_is_reported_without_waiting_out_the_timeo
   assert client.store['moetrain/heartbeat/0'].endswith(' failing')
 
 
+def test_an_interrupt_leaves_the_watch_at_once(monkeypatch):
+  lost = []
+  monkeypatch.setattr(liveness.PeerWatch, '_give_up', lose_into(lost))
+  client = FakeClient(10**6)
+  watch = liveness.PeerWatch(0, 2, 60, lambda: 4, interval_s=0.02, client=client)
+  with pytest.raises(KeyboardInterrupt):
+    with watch:
+      raise KeyboardInterrupt
+  assert not watch.failing.is_set() and not watch.thread.is_alive() and not lost
+
+
 def test_a_heartbeat_timeout_below_the_floor_names_the_field():
   with pytest.raises(ConfigError, match=r'train.heartbeat_timeout_s=5.0 must be at least 10 s'):
     config_lib.load('configs/tiny.py', ['--config.train.heartbeat_timeout_s=5'])
