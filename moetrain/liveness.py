@@ -9,8 +9,11 @@ coordination service's heartbeat is set to a multiple of ours (`jax_heartbeat_s`
 check always speaks first, and the process exits with status 1 (`os._exit`: the main thread
 may be stuck in a collective that never returns). A collective may instead fail at once when
 its peer's connection closes; an error leaving the watch therefore waits up to the timeout
-for the watch to name the lost peer before it is reported. When process 0, which hosts the
-service, is the one lost, the others' calls to it fail: that is reported the same way.
+for the watch to name the lost peer before it is reported. When the others lose the
+coordination service (it lives in process 0) while process 0 still runs, their calls to it fail
+and that is reported the same way. When process 0 itself dies, JAX's client in every other
+process polls the service for errors, finds its connection closed and aborts the process at
+once (SIGABRT, a C++ log) before this watch can speak; JAX offers no public hook to change that.
 """
 
 import os
@@ -20,7 +23,8 @@ import time
 
 HEARTBEAT_FLOOR_S = 10.0  # below this a garbage-collection pause or a slow save reads as lost
 JAX_HEARTBEAT_FACTOR = 3
-_KEY = 'moetrain/heartbeat/{}'
+_DIRECTORY = 'moetrain/heartbeat/'
+_KEY = _DIRECTORY + '{}'
 _FAILING = 'failing'  # appended to the beat of a process leaving the watch with an error
 
 
@@ -81,8 +85,10 @@ class PeerWatch:
         beats += 1
         beat = f'{beats} {_FAILING}' if self.failing.is_set() else str(beats)
         self.client.key_value_set(_KEY.format(self.me), beat, allow_overwrite=True)
+        # One read of every beat: a process of a large job must not ask once per peer.
+        beats_by_key = dict(self.client.key_value_dir_get(_DIRECTORY))
         for peer in self.peers:
-          value = self._read(peer)
+          value = beats_by_key.get(_KEY.format(peer))  # None: a peer still starting up
           if value != seen[peer][0]:
             seen[peer] = (value, now)
         unreachable_since = None
@@ -97,14 +103,6 @@ class PeerWatch:
       for peer, (_, moved) in seen.items():
         if now - moved > self.timeout_s:
           self._give_up(peer, f'no heartbeat for {self.timeout_s:.0f} s')
-
-  def _read(self, peer: int):
-    try:
-      return self.client.key_value_try_get(_KEY.format(peer))
-    except Exception as error:  # not written yet: a peer still starting up
-      if 'NOT_FOUND' in str(error) or 'not found' in str(error).lower():
-        return None
-      raise
 
   def _give_up(self, peer: int, why: str) -> None:
     try:
