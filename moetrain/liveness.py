@@ -95,7 +95,7 @@ class PeerWatch:
         if self.failing.is_set() and all(str(value).endswith(_FAILING)
                                          for value, _ in seen.values()):
           self.decided.set()
-      except Exception:  # the coordination service is gone with process 0
+      except Exception:  # the coordination service does not answer
         unreachable_since = unreachable_since or now
         if now - unreachable_since > self.timeout_s:
           self._give_up(0, 'the coordination service it hosts stopped answering')
