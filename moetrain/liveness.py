@@ -52,7 +52,7 @@ class PeerWatch:
     self.interval_s, self.client = interval_s, client
     self.stopped = threading.Event()
     self.failing = threading.Event()  # this process leaves the watch with an error
-    self.decided = threading.Event()  # ... and every peer does too, or one is lost
+    self.decided = threading.Event()  # ... and so does every peer (a lost one ends the process)
     self.thread = threading.Thread(target=self._watch, name='peer-watch', daemon=True)
 
   def __enter__(self):
